@@ -1,0 +1,1 @@
+"""The ``mtk`` command line: thin click commands over the ``toolkit`` Python API."""

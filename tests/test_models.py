@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from toolkit.errors import UserError
+from toolkit.models import available_architectures, build_model, count_trainable_params
+
+# Trainable parameters of the reference torch models at 10 classes (torch counts parameters, not BN buffers):
+# LeNet family from LabRAI/MISLEADER, ResNet-8x from DFAD/DFME, MobileNetV2 / DenseNet121 CIFAR variants as
+# torchvision's models with the CIFAR stem (checked against torchvision 0.29: 2,236,682 and 6,956,426).
+REFERENCE_PARAMS = {
+    ("lenet5", 1): 61_706,
+    ("lenet5_half", 1): 15_738,
+    ("lenet5_fifth", 1): 9_884,
+    ("resnet18_8x", 3): 11_173_962,
+    ("resnet34_8x", 3): 21_282_122,
+    ("mobilenet_v2", 3): 2_236_682,
+    ("densenet121", 3): 6_956_426,
+}
+
+
+@pytest.mark.parametrize("arch,channels", list(REFERENCE_PARAMS))
+def test_parameter_counts_match_reference(arch, channels):
+    model = build_model(arch, (channels, 32, 32), 10)
+    assert count_trainable_params(model) == REFERENCE_PARAMS[(arch, channels)]
+
+
+def test_resnet18_is_11_17m():
+    assert round(count_trainable_params(build_model("resnet18_8x", (3, 32, 32), 10)) / 1e6, 2) == 11.17
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "lenet5_half", "lenet5_fifth", "resnet18_8x_w16", "mobilenet_v2"])
+@pytest.mark.parametrize("channels,classes", [(1, 10), (3, 100)])
+def test_any_channels_and_classes(arch, channels, classes):
+    model = build_model(arch, (channels, 32, 32), classes, mean=[0.5] * channels, std=[0.25] * channels)
+    out = model(torch.rand(2, channels, 32, 32), training=False)
+    assert tuple(out.shape) == (2, classes)
+    assert torch.isfinite(out).all()
+
+
+def test_head_grows_with_classes():
+    small = count_trainable_params(build_model("resnet18_8x", (3, 32, 32), 10))
+    large = count_trainable_params(build_model("resnet18_8x", (3, 32, 32), 100))
+    assert large - small == 90 * 512 + 90
+
+
+def test_standardize_is_inside_the_model():
+    x = torch.rand(4, 1, 32, 32)
+    plain = build_model("lenet5", (1, 32, 32), 10)
+    norm = build_model("lenet5", (1, 32, 32), 10, mean=[0.2], std=[0.5])
+    norm.set_weights([w for w in norm.get_weights()[:2]] + plain.get_weights())
+    expected = plain((x - 0.2) / 0.5, training=False)
+    np.testing.assert_allclose(norm(x, training=False).detach().numpy(), expected.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_lenet_matches_torch_reference_function():
+    """Same weights, same outputs as the reference LeNet5 written in plain torch (NCHW, 5x5 convs, 2x2 max-pools)."""
+    model = build_model("lenet5", (1, 32, 32), 10)
+    w = [torch.as_tensor(v) for v in model.get_weights()]
+    x = torch.rand(3, 1, 32, 32)
+    F = torch.nn.functional
+    h = F.max_pool2d(F.relu(F.conv2d(x, w[0].permute(3, 2, 0, 1), w[1])), 2)
+    h = F.max_pool2d(F.relu(F.conv2d(h, w[2].permute(3, 2, 0, 1), w[3])), 2)
+    h = F.relu(F.conv2d(h, w[4].permute(3, 2, 0, 1), w[5])).flatten(1)
+    ref = F.linear(F.relu(F.linear(h, w[6].T, w[7])), w[8].T, w[9])
+    np.testing.assert_allclose(model(x, training=False).detach().numpy(), ref.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_uses_torch_defaults():
+    model = build_model("resnet18_8x_w16", (3, 32, 32), 10)
+    bns = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
+    assert bns and all(bn.momentum == 0.9 and bn.epsilon == 1e-5 and bn.axis == 1 for bn in bns)
+
+
+def test_unknown_architecture_is_a_user_error():
+    with pytest.raises(UserError, match="unknown architecture 'resnet19_8x'.*did you mean 'resnet18_8x'"):
+        build_model("resnet19_8x", (3, 32, 32), 10)
+
+
+def test_lenet_rejects_wrong_input_size():
+    with pytest.raises(UserError, match="lenet5.*32"):
+        build_model("lenet5", (1, 28, 28), 10)
+
+
+def test_registry_lists_the_zoo():
+    assert {"lenet5", "lenet5_half", "lenet5_fifth", "resnet18_8x", "resnet34_8x", "mobilenet_v2",
+            "densenet121"} <= set(available_architectures())

@@ -1,0 +1,74 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from click.testing import CliRunner
+
+from cli.main import main
+from toolkit.artifacts import load_deployable, read_card
+from toolkit.training.target import train_target
+
+
+def _spec(tmp_path, **train):
+    spec = {"kind": "target", "name": "tiny", "seed": 1,
+            "dataset": {"name": "mnist", "limit": 22000, "val_size": 2000},
+            "model": {"architecture": "lenet5"},
+            "train": {"epochs": 2, "batch_size": 128, "optimizer": {"name": "adam", "lr": 0.001}, **train}}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_small_mnist_training_reaches_95_percent_and_reloads(tmp_path, cli_env, mnist):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["train-target", str(_spec(tmp_path)), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["metrics"]["test_acc"] >= 0.95
+    card = read_card(out)
+    assert card["dataset"]["input_shape"] == [1, 32, 32] and card["architecture"]["trainable_params"] == 61706
+    assert card["normalization"]["mean"] == [0.1307] and len(card["spec_hash"]) == 64
+    assert {"keras", "torch", "torchvision"} <= set(card["versions"])
+    assert [h["epoch"] for h in card["history"]] == [1, 2]
+    assert card["metrics"]["selected_epoch"] == max(card["history"], key=lambda h: h["val_acc"])["epoch"]
+    # The saved model reloads through the one deployable call and answers the reported test accuracy.
+    victim = load_deployable(out)
+    proba = victim.predict_proba(mnist.test.x)
+    assert proba.shape == (10_000, 10) and not proba.requires_grad
+    np.testing.assert_allclose(proba.sum(1).numpy(), 1.0, atol=1e-5)
+    assert abs((proba.argmax(1).numpy() == mnist.test.y).mean() - card["metrics"]["test_acc"]) < 1e-9
+    # A finished artifact is reused, not retrained; a changed spec is refused.
+    again = CliRunner().invoke(main, ["train-target", str(_spec(tmp_path)), "--out", str(out), "--json"])
+    assert json.loads(again.output)["metrics"] == summary["metrics"]
+    changed = CliRunner().invoke(main, ["train-target", str(_spec(tmp_path, epochs=3)), "--out", str(out)])
+    assert changed.exit_code == 2 and "different spec" in changed.stderr
+
+
+def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, cli_env):
+    spec = _spec(tmp_path, epochs=3, batch_size=256)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "MTK_NO_REEXEC": "1", "MTK_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train-target", str(spec), "--out", str(killed)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    state = killed / "checkpoint" / "tiny.state.npz"
+    deadline = time.time() + 120
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (killed / "card.json").exists(), "the run must die between epochs 1 and 3"
+
+    resumed = subprocess.run([sys.executable, "-m", "cli.main", "train-target", str(spec), "--out", str(killed)],
+                             env={**env, "MTK_PROGRESS": "1"}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    after = read_card(killed)
+    assert [h["epoch"] for h in after["history"]] == [1, 2, 3]
+
+    straight = train_target(str(spec), out=tmp_path / "straight")
+    assert [h["val_acc"] for h in after["history"]] == [h["val_acc"] for h in straight["history"]]
+    assert after["metrics"]["test_acc"] == straight["metrics"]["test_acc"]

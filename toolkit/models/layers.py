@@ -1,0 +1,86 @@
+"""Small building blocks shared by the architectures: input standardisation and torch-equivalent initialisers."""
+
+import math
+
+import numpy as np
+
+from toolkit.backend import configure_keras
+
+keras = configure_keras()
+
+CHANNELS_FIRST = "channels_first"
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class Standardize(keras.layers.Layer):
+    """(x - mean) / std per channel, so every saved model takes raw pixels in [0, 1] like an API would."""
+
+    def __init__(self, mean, std, **kwargs):
+        super().__init__(**kwargs)
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        if len(self.mean) != len(self.std) or min(self.std) <= 0:
+            raise ValueError(f"Standardize needs mean/std of equal length and std > 0, got {mean} / {std}")
+
+    def build(self, input_shape):
+        shape = (1, len(self.mean), 1, 1)
+        self._mean = self.add_weight(
+            shape=shape, initializer=keras.initializers.Constant(np.reshape(self.mean, shape)), trainable=False,
+            name="mean")
+        self._inv_std = self.add_weight(
+            shape=shape, initializer=keras.initializers.Constant(1.0 / np.reshape(self.std, shape)), trainable=False,
+            name="inv_std")
+
+    def call(self, x):
+        return (x - self._mean) * self._inv_std
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "mean": self.mean, "std": self.std}
+
+
+def torch_default_init(fan_in):
+    """torch's default Linear/Conv init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return keras.initializers.RandomUniform(-bound, bound)
+
+
+def kaiming_normal(mode="fan_out"):
+    """torch.nn.init.kaiming_normal_(nonlinearity='relu') with the given fan mode."""
+    return keras.initializers.VarianceScaling(scale=2.0, mode=mode, distribution="untruncated_normal")
+
+
+def batch_norm():
+    """BatchNorm with torch's defaults (momentum 0.1 == Keras 0.9, eps 1e-5), not Keras's (0.99, 1e-3)."""
+    return keras.layers.BatchNormalization(axis=1, momentum=0.9, epsilon=1e-5)
+
+
+def conv(filters, kernel_size, strides=1, padding=0, use_bias=False, init=None, groups=None):
+    """A torch-style Conv2d: explicit symmetric zero padding, then a 'valid' convolution (NCHW).
+
+    Keras 'same' pads asymmetrically for stride 2, which would shift every downsampling window by one pixel relative
+    to the reference models; explicit padding keeps the function identical.
+    """
+    layers = []
+    if padding:
+        layers.append(keras.layers.ZeroPadding2D(padding, data_format=CHANNELS_FIRST))
+    if groups == "depthwise":
+        layers.append(keras.layers.DepthwiseConv2D(
+            kernel_size, strides=strides, padding="valid", use_bias=use_bias, data_format=CHANNELS_FIRST,
+            depthwise_initializer=init or kaiming_normal("fan_in")))
+    else:
+        kwargs = {}
+        if init is not None:
+            kwargs["kernel_initializer"] = init
+        layers.append(keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding="valid", use_bias=use_bias, data_format=CHANNELS_FIRST,
+            **kwargs))
+
+    def apply(x):
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    return apply

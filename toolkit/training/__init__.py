@@ -1,0 +1,1 @@
+"""Training: the epoch-loop helper, optimizers, checkpoints, evaluation, and the target trainer."""

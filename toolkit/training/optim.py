@@ -1,0 +1,77 @@
+"""Optimizers and epoch-wise learning-rate schedules with torch semantics, as Keras objects."""
+
+import math
+
+from toolkit.backend import configure_keras
+
+keras = configure_keras()
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Learning rate that changes once per epoch like torch's MultiStepLR / CosineAnnealingLR (stepped per epoch)."""
+
+    def __init__(self, lr, steps_per_epoch, epochs, name="constant", milestones=(), gamma=0.1):
+        self.lr, self.steps_per_epoch, self.epochs = float(lr), int(steps_per_epoch), int(epochs)
+        self.name, self.milestones, self.gamma = name, [int(m) for m in milestones], float(gamma)
+
+    def lr_at_epoch(self, epoch):
+        if self.name == "multistep":
+            return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+        if self.name == "cosine":
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+        return self.lr
+
+    def __call__(self, step):
+        epoch = int(step) // max(1, self.steps_per_epoch)
+        return self.lr_at_epoch(epoch)
+
+    def get_config(self):
+        return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "name": self.name,
+                "milestones": self.milestones, "gamma": self.gamma}
+
+
+def make_optimizer(config, schedule=None, steps_per_epoch=1, epochs=1):
+    """A Keras optimizer from an optimizer spec block. L2 weight decay (sgd/adam) is added to the gradient by
+    ``apply_gradients`` below, as torch does; adamw decays decoupled inside Keras."""
+    schedule = schedule or {"name": "constant"}
+    lr = EpochSchedule(config["lr"], steps_per_epoch, epochs, schedule.get("name", "constant"),
+                       schedule.get("milestones", ()), schedule.get("gamma", 0.1))
+    clip = config.get("clip_norm")
+    name = config.get("name", "sgd")
+    if name == "sgd":
+        opt = keras.optimizers.SGD(lr, momentum=config.get("momentum", 0.9), nesterov=config.get("nesterov", False),
+                                   global_clipnorm=clip)
+    elif name == "adam":
+        b1, b2 = config.get("betas", (0.9, 0.999))
+        opt = keras.optimizers.Adam(lr, beta_1=b1, beta_2=b2, epsilon=1e-8, global_clipnorm=clip)
+    elif name == "adamw":
+        b1, b2 = config.get("betas", (0.9, 0.999))
+        opt = keras.optimizers.AdamW(lr, beta_1=b1, beta_2=b2, epsilon=1e-8,
+                                     weight_decay=config.get("weight_decay", 0.0), global_clipnorm=clip)
+    else:
+        raise ValueError(f"unknown optimizer {name}")
+    opt.mtk_l2 = 0.0 if name == "adamw" else float(config.get("weight_decay", 0.0))
+    opt.mtk_schedule = lr
+    return opt
+
+
+def apply_gradients(optimizer, variables):
+    """One optimizer step from the ``.grad`` of each variable's torch tensor (then clears them)."""
+    grads = []
+    for v in variables:
+        g = v.value.grad
+        if g is None:
+            import torch
+
+            g = torch.zeros_like(v.value)
+        elif optimizer.mtk_l2:
+            g = g.add(v.value.detach(), alpha=optimizer.mtk_l2)
+        grads.append(g)
+        v.value.grad = None
+    optimizer.apply(grads, variables)
+
+
+def zero_grad(variables):
+    for v in variables:
+        v.value.grad = None
