@@ -130,14 +130,42 @@ def datasets_cmd(verbose, as_json):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Artifact folder (default runs/targets/NAME).")
 @click.option("--force", is_flag=True, help="Retrain even if the folder holds a finished target.")
+@click.option("--dry-run", is_flag=True, help="Prove the path: one epoch of two steps, into NAME-dry-run.")
 @_data_root
 @_common
-def train_target_cmd(spec, out, force, data_root, verbose, as_json):
+def train_target_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
     """Train a target model from SPEC; re-running after a kill resumes from the last finished epoch."""
     from toolkit.training.target import train_target
 
-    card = train_target(spec, out=out, data_root=data_root, force=force)
+    card = train_target(spec, out=out, data_root=data_root, force=force, dry_run=dry_run)
     _print_card(card, as_json, verbose)
+
+
+@main.command("defend")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Defense folder (default runs/defenses/NAME).")
+@click.option("--force", is_flag=True, help="Rebuild the ensemble card even if the folder holds a finished one.")
+@click.option("--dry-run", is_flag=True,
+              help="Prove the path: target and each member one epoch of two steps, into NAME-dry-run.")
+@_data_root
+@_common
+def defend_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
+    """Build the defense in SPEC (MISLEADER ensemble); resumes per member and per epoch after a kill."""
+    from toolkit.defenses import defend
+
+    card = defend(spec, out=out, data_root=data_root, force=force, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps(card if verbose else {"name": card["name"], "metrics": card["metrics"],
+                                                    "members": {k: v["metrics"] for k, v in
+                                                                card.get("members", {}).items()}}))
+        return
+    click.echo(f"{card['name']}: ensemble test acc {card['metrics']['test_acc']:.4f}, "
+               f"val acc {card['metrics']['val_acc']:.4f}, agreement with target "
+               f"{card['metrics']['test_agreement_with_target']:.4f}")
+    for name, member in card.get("members", {}).items():
+        m = member["metrics"]
+        click.echo(f"  {name:16s} test acc {m['test_acc']:.4f}  agreement {m['test_agreement_with_target']:.4f}")
 
 
 def _print_card(card, as_json, verbose):

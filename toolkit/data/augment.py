@@ -75,3 +75,105 @@ def clean_augmentation(config):
         return x
 
     return apply
+
+
+def _grayscale(x):
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    return 0.299 * r + 0.587 * g + 0.114 * b  # ITU-R 601-2 luma, as torchvision/PIL
+
+
+def _uniform(torch, n, low, high, device):
+    return torch.empty(n, device=device).uniform_(float(low), float(high))
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class AttackerAugmentation(keras.layers.Layer):
+    """The operator that turns clean images into simulated attacker queries x~ (MISLEADER's augmentation).
+
+    Released order: random resized crop -> horizontal flip -> colour jitter -> random grayscale -> random affine.
+    Every parameter is drawn per sample on the input's device. Colour jitter applies brightness, contrast,
+    saturation in that fixed order (torchvision shuffles the order per call). Out-of-image pixels are 0 (black),
+    like torchvision's fill on PIL images. ``config`` is the spec block (see ``mtk schema defense``: $defs.augmentation).
+    """
+
+    def __init__(self, config=None, **kwargs):
+        super().__init__(**kwargs)
+        from toolkit.schemas import fill_defaults, get_schema
+
+        schema = get_schema("defense")
+        self.config = fill_defaults(schema["$defs"]["augmentation"], config or {}, schema)
+
+    def call(self, x, training=True):
+        if not training:
+            return x
+        c = self.config
+        x = x.float()
+        if c["resized_crop"]["enabled"]:
+            x = self._resized_crop(x, c["resized_crop"])
+        if c["horizontal_flip"]["enabled"]:
+            x = RandomHorizontalFlip(c["horizontal_flip"]["p"])(x, training=True)
+        if c["color_jitter"]["enabled"]:
+            x = self._color_jitter(x, c["color_jitter"])
+        if c["grayscale"]["enabled"] and x.shape[1] == 3:
+            torch = _torch()
+            pick = torch.rand(x.shape[0], device=x.device) < c["grayscale"]["p"]
+            x = torch.where(pick[:, None, None, None], _grayscale(x).expand_as(x), x)
+        if c["affine"]["enabled"]:
+            x = self._affine(x, c["affine"])
+        return x
+
+    @staticmethod
+    def _warp(x, theta):
+        torch = _torch()
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _resized_crop(self, x, cfg):
+        """Per-sample crop of area fraction ~ U(scale) and log-uniform aspect ratio, resized back to full size."""
+        torch = _torch()
+        n, dev = x.shape[0], x.device
+        area = _uniform(torch, n, *cfg["scale"], dev)
+        log_ratio = _uniform(torch, n, *[float(torch.log(torch.tensor(r))) for r in cfg["ratio"]], dev)
+        ratio = torch.exp(log_ratio)
+        w = torch.sqrt(area * ratio).clamp(max=1.0)
+        h = torch.sqrt(area / ratio).clamp(max=1.0)
+        cx = (torch.rand(n, device=dev) * 2 - 1) * (1 - w)
+        cy = (torch.rand(n, device=dev) * 2 - 1) * (1 - h)
+        theta = torch.zeros(n, 2, 3, device=dev)
+        theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+        return self._warp(x, theta)
+
+    def _color_jitter(self, x, cfg):
+        torch = _torch()
+        n, dev = x.shape[0], x.device
+        if cfg["brightness"]:
+            f = _uniform(torch, n, max(0.0, 1 - cfg["brightness"]), 1 + cfg["brightness"], dev)
+            x = (x * f[:, None, None, None]).clamp(0, 1)
+        if cfg["contrast"]:
+            f = _uniform(torch, n, max(0.0, 1 - cfg["contrast"]), 1 + cfg["contrast"], dev)[:, None, None, None]
+            mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+            x = (mean + (x - mean) * f).clamp(0, 1)
+        if cfg["saturation"] and x.shape[1] == 3:
+            f = _uniform(torch, n, max(0.0, 1 - cfg["saturation"]), 1 + cfg["saturation"], dev)[:, None, None, None]
+            gray = _grayscale(x)
+            x = (gray + (x - gray) * f).clamp(0, 1)
+        return x
+
+    def _affine(self, x, cfg):
+        """Per-sample rotation ~ U(+-degrees), translation ~ U(+-translate * size), scale ~ U(scale)."""
+        torch = _torch()
+        n, dev = x.shape[0], x.device
+        angle = _uniform(torch, n, -cfg["degrees"], cfg["degrees"], dev) * (torch.pi / 180)
+        scale = _uniform(torch, n, *cfg["scale"], dev)
+        tx = _uniform(torch, n, -cfg["translate"], cfg["translate"], dev) * 2  # normalised coords span 2
+        ty = _uniform(torch, n, -cfg["translate"], cfg["translate"], dev) * 2
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # grid_sample needs the inverse map (output -> input): (1/s) R^T (p - t).
+        theta = torch.stack([torch.stack([cos, sin, -(cos * tx + sin * ty)], 1),
+                             torch.stack([-sin, cos, -(-sin * tx + cos * ty)], 1)], 1)
+        return self._warp(x, theta)
+
+    def get_config(self):
+        return {**super().get_config(), "config": self.config}

@@ -16,28 +16,38 @@ from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
 keras = configure_keras()
 
 
-def default_folder(spec):
-    return pathlib.Path("runs") / "targets" / spec["name"]
+DRY_RUN_STEPS, DRY_RUN_EVAL = 2, 256
 
 
-def train_target(spec, out=None, data_root=None, force=False):
-    """Trains (or resumes, or reuses) the target described by ``spec`` (a dict or a path); returns its card."""
-    import torch
+def default_folder(spec, dry_run=False):
+    return pathlib.Path("runs") / "targets" / (spec["name"] + ("-dry-run" if dry_run else ""))
+
+
+def train_target(spec, out=None, data_root=None, force=False, dry_run=False):
+    """Trains (or resumes, or reuses) the target described by ``spec`` (a dict or a path); returns its card.
+
+    ``dry_run`` proves the path cheaply: one epoch of two steps, evaluation on 256 images, its own folder.
+    """
     import torch.nn.functional as F
 
     spec = load_spec(spec, kind="target")
-    folder = pathlib.Path(out) if out else default_folder(spec)
+    if dry_run:
+        spec["train"].update(epochs=1, steps_per_epoch=DRY_RUN_STEPS)
+    folder = pathlib.Path(out) if out else default_folder(spec, dry_run)
     digest = spec_hash(spec)
     card_path = folder / artifacts.CARD
     if card_path.exists() and not force:
         card = artifacts.read_card(folder)
         if card.get("spec_hash") == digest:
             progress.log(f"[{spec['name']}] already trained: {folder} (test acc {card['metrics']['test_acc']:.4f})")
-            return card
+            return {**card, "folder": str(folder)}
         raise artifacts.UserError(f"{folder}: holds a target trained from a different spec; use --force or --out")
 
     keras.utils.set_random_seed(spec["seed"])
     data = load_dataset(spec["dataset"], data_root)
+    data_card = artifacts.dataset_card(data)
+    if dry_run:
+        data.val, data.test = data.val.take(slice(0, DRY_RUN_EVAL)), data.test.take(slice(0, DRY_RUN_EVAL))
     train_cfg = spec["train"]
     model = build_model(spec["model"]["architecture"], data.input_shape, data.num_classes, data.mean, data.std,
                         **spec["model"]["options"])
@@ -84,7 +94,7 @@ def train_target(spec, out=None, data_root=None, force=False):
         "name": spec["name"],
         "created": artifacts.now(),
         "deployable": {"type": "model", "file": filename},
-        "dataset": artifacts.dataset_card(data),
+        "dataset": data_card,
         "normalization": {"mean": list(data.mean), "std": list(data.std)},
         "architecture": {**spec["model"], "trainable_params": count_trainable_params(model)},
         "metrics": {"val_acc": val_acc, "test_acc": test_acc, "selected_epoch": meta["best"]["epoch"],
@@ -94,6 +104,7 @@ def train_target(spec, out=None, data_root=None, force=False):
         "wall_seconds_this_run": round(time.time() - start, 1),
         "device": str(dev),
         "seed": spec["seed"],
+        "dry_run": dry_run,
         "spec": spec,
         "spec_hash": digest,
         "versions": artifacts.versions(),
@@ -101,4 +112,4 @@ def train_target(spec, out=None, data_root=None, force=False):
     artifacts.write_card(folder, card)
     loop.clear()
     progress.log(f"[{spec['name']}] val acc {val_acc:.4f}, test acc {test_acc:.4f} -> {folder}")
-    return card
+    return {**card, "folder": str(folder)}

@@ -1,0 +1,130 @@
+"""``mtk defend``: from a defense spec to a deployable defense folder (trains the target first when needed)."""
+
+import json
+import pathlib
+import shutil
+
+from toolkit import artifacts, progress
+from toolkit.artifacts import load_keras_model, read_card
+from toolkit.data import load_dataset
+from toolkit.defenses.ensemble import EnsembleDeployable
+from toolkit.defenses.misleader import member_names, train_member
+from toolkit.errors import UserError
+from toolkit.models import get_architecture
+from toolkit.schemas import load_spec, spec_hash
+from toolkit.training.evaluate import accuracy, agreement, model_predictor
+
+DRY_RUN_STEPS = 2
+DRY_RUN_EVAL = 256
+
+
+def default_folder(spec, dry_run=False):
+    return pathlib.Path("runs") / "defenses" / (spec["name"] + ("-dry-run" if dry_run else ""))
+
+
+def resolve_target(target, data_root=None, dry_run=False):
+    """A target artifact folder from the spec's ``target`` (a folder, or a target spec trained when missing)."""
+    path = pathlib.Path(target)
+    if path.suffix == ".json":
+        from toolkit.training.target import train_target
+
+        card = train_target(path, data_root=data_root, dry_run=dry_run)
+        return pathlib.Path(card["folder"])
+    if not (path / artifacts.CARD).exists():
+        raise UserError(f"{path}: target artifact not found (train it with mtk train-target, or point "
+                        "\"target\" at a target spec)")
+    return path
+
+
+def defend(spec, out=None, data_root=None, force=False, dry_run=False):
+    """Builds the defense in ``spec`` (dict or path); returns its card. Resumes per member and per epoch."""
+    source = spec if isinstance(spec, dict) else str(spec)
+    spec = load_spec(spec, kind="defense")
+    for i, member in enumerate(spec["members"]):
+        for field, arch in (("architecture", member["architecture"]),
+                            ("attacker.architecture", member["attacker"]["architecture"])):
+            if arch is not None:
+                try:
+                    get_architecture(arch)
+                except UserError as exc:
+                    raise UserError(f"{source}: $.members[{i}].{field}: {exc}") from None
+    if spec["method"] == "misleader" and not spec["members"]:
+        raise UserError(f"{source}: $.members: a misleader defense needs at least one member")
+    folder = pathlib.Path(out) if out else default_folder(spec, dry_run)
+    digest = spec_hash({"spec": spec, "dry_run": dry_run})
+    if (folder / artifacts.CARD).exists() and not force:
+        card = read_card(folder)
+        if card.get("spec_hash") == digest:
+            progress.log(f"[{spec['name']}] already built: {folder}")
+            return card
+        raise UserError(f"{folder}: holds a defense built from a different spec; use --force or --out")
+
+    target_folder = resolve_target(spec["target"], data_root, dry_run)
+    target_card = read_card(target_folder)
+    data_cfg = spec["dataset"] or {k: v for k, v in target_card["dataset"].items()
+                                   if k not in ("input_shape", "num_classes", "classes", "sizes", "fingerprint")}
+    data = load_dataset(data_cfg, data_root)
+    if spec["dataset"] is None and data.fingerprint() != target_card["dataset"]["fingerprint"]:
+        raise UserError(f"{target_folder}: the target's dataset no longer matches its card (different data root?)")
+    if dry_run:
+        data.val, data.test = data.val.take(slice(0, DRY_RUN_EVAL)), data.test.take(slice(0, DRY_RUN_EVAL))
+    teacher = load_keras_model(target_folder / target_card["deployable"]["file"])
+    teacher_predict = model_predictor(teacher)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    if spec["method"] == "undefended":
+        return _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict)
+
+    names = member_names(spec["members"])
+    member_cards = []
+    for name, member in zip(names, spec["members"]):
+        fingerprint = spec_hash({"member": member, "augment": spec["augment"], "clean": spec["clean_augment"],
+                                 "seed": spec["seed"], "target": target_card.get("spec_hash"),
+                                 "data": data.fingerprint(), "dry_run": dry_run})
+        member_cards.append(train_member(
+            folder / "members" / name, name, member, spec, data, teacher, teacher_predict, fingerprint,
+            steps_cap=DRY_RUN_STEPS if dry_run else None, epochs=1 if dry_run else None))
+
+    weights = spec["ensemble"]["weights"] or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise UserError(f"{source}: $.ensemble.weights: {len(weights)} weights for {len(names)} members")
+    entries = [{"name": n, "path": f"members/{n}", "file": c["deployable"]["file"], "weight": w}
+               for n, c, w in zip(names, member_cards, weights)]
+    card = {"kind": "defense", "method": "misleader", "name": spec["name"], "created": artifacts.now(),
+            "deployable": {"type": "ensemble", "members": entries}, "dataset": target_card["dataset"],
+            "target": {"folder": str(target_folder), "name": target_card["name"], "metrics": target_card["metrics"]},
+            "dry_run": dry_run}
+    ensemble = EnsembleDeployable([load_keras_model(folder / e["path"] / e["file"]) for e in entries], weights, card)
+    predict = ensemble.predict_proba
+    card["metrics"] = {
+        "val_acc": accuracy(predict, data.val), "test_acc": accuracy(predict, data.test),
+        "test_agreement_with_target": agreement(predict, teacher_predict, data.test.x),
+        "target_test_acc": accuracy(teacher_predict, data.test),
+    }
+    card["members"] = {n: {"architecture": c["architecture"], "metrics": c["metrics"],
+                           "lambda": c["member"]["lambda"], "temperature": c["member"]["temperature"],
+                           "alpha": c["member"]["alpha"], "train_seconds": c["train_seconds"]}
+                       for n, c in zip(names, member_cards)}
+    card.update(spec=spec, spec_hash=digest, versions=artifacts.versions())
+    artifacts.write_card(folder, card)
+    progress.log(f"[{spec['name']}] ensemble val acc {card['metrics']['val_acc']:.4f}, test acc "
+                 f"{card['metrics']['test_acc']:.4f}, agreement with target "
+                 f"{card['metrics']['test_agreement_with_target']:.4f} -> {folder}")
+    return card
+
+
+def _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict):
+    filename = target_card["deployable"]["file"]
+    shutil.copyfile(target_folder / filename, folder / filename)
+    card = {"kind": "defense", "method": "undefended", "name": spec["name"], "created": artifacts.now(),
+            "deployable": {"type": "model", "file": filename}, "dataset": target_card["dataset"],
+            "target": {"folder": str(target_folder), "name": target_card["name"]},
+            "metrics": {"val_acc": accuracy(teacher_predict, data.val),
+                        "test_acc": accuracy(teacher_predict, data.test), "test_agreement_with_target": 1.0},
+            "spec": spec, "spec_hash": digest, "versions": artifacts.versions()}
+    artifacts.write_card(folder, card)
+    return card
+
+
+def summary(card):
+    return json.dumps({"name": card["name"], "metrics": card["metrics"]})

@@ -1,0 +1,184 @@
+"""MISLEADER (paper Algorithm 1): members distilled from the target while misleading a simulated clone.
+
+Each member d trains beside its own simulated attacker a. Per batch (one "bilevel" round, as released):
+  1. attacker step on an augmented batch x~:  KL(d(x~) || a(x~)) with d's answers fixed;
+  2. member step:  alpha*T^2*KL(t/T || d/T) + (1-alpha)*CE(d(x), y) - lambda*D(d(x~) || a(x~)),  a's answers fixed.
+Members train independently (each resumable per epoch) and are deployed as a soft-voting ensemble.
+"""
+
+import pathlib
+import time
+
+from toolkit import artifacts, progress
+from toolkit.backend import configure_keras, device
+from toolkit.data import BatchStream
+from toolkit.data.augment import AttackerAugmentation, clean_augmentation
+from toolkit.defenses.losses import adversary_divergence, attacker_loss, distillation_loss
+from toolkit.models import build_model, count_trainable_params
+from toolkit.training.evaluate import accuracy, agreement, model_predictor
+from toolkit.training.loop import EpochLoop
+from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
+
+keras = configure_keras()
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class MisleaderMember(keras.Model):
+    """A member d, its simulated attacker a and the frozen target t, with MISLEADER's custom train step.
+
+    ``compile(d_optimizer=..., a_optimizer=...)`` then ``train_step(((x, x_attack), y))`` per batch; the returned
+    dict holds every loss term. The deployable part is ``self.defender``.
+    """
+
+    def __init__(self, defender, attacker, teacher, config, augment=None, clean_augment=None, **kwargs):
+        super().__init__(**kwargs)
+        self.defender, self.attacker, self.teacher = defender, attacker, teacher
+        self.config = config
+        self.augment = augment or AttackerAugmentation()
+        self.clean_augment = clean_augment
+        self.teacher.trainable = False
+
+    def compile(self, d_optimizer, a_optimizer, **kwargs):
+        # A plain compile() would build an unused default optimizer over every weight.
+        keras.Model.compile(self, optimizer=None, **kwargs)
+        self.d_optimizer, self.a_optimizer = d_optimizer, a_optimizer
+        self.d_optimizer.build(self.defender.trainable_variables)
+        self.a_optimizer.build(self.attacker.trainable_variables)
+
+    def call(self, x, training=False):
+        return self.defender(x, training=training)
+
+    def losses_on(self, x, y, x_attack):
+        """The member objective on a fixed batch (no parameter update): total, kd, ce, adversary terms."""
+        import torch
+
+        cfg = self.config
+        with torch.no_grad():
+            t_logits = self.teacher(x, training=False)
+            a_logits = self.attacker(x_attack, training=True)
+        d_logits = self.defender(x, training=True)
+        d_attack_logits = self.defender(x_attack, training=True)
+        distill, kd, ce = distillation_loss(d_logits, t_logits, y, cfg["temperature"], cfg["alpha"])
+        adv = adversary_divergence(d_attack_logits, a_logits, cfg["adversary_loss"], cfg["adversary_clamp"])
+        return {"loss": distill - cfg["lambda"] * adv, "kd": kd, "ce": ce, "adv": adv, "d_logits": d_logits}
+
+    def attacker_step(self, x_attack):
+        """One update of the simulated clone towards the member's current answers on x~."""
+        import torch
+
+        acfg = self.config["attacker"]
+        a_vars = self.attacker.trainable_variables
+        with torch.no_grad():
+            d_attack = self.defender(x_attack, training=True)
+        zero_grad(a_vars)
+        total = 0.0
+        for _ in range(acfg["steps"]):
+            loss = attacker_loss(d_attack, self.attacker(x_attack, training=True))
+            loss.backward()
+            total += float(loss.detach())
+            if acfg["mode"] == "steps":
+                apply_gradients(self.a_optimizer, a_vars)
+        if acfg["mode"] == "accumulate":  # released: k backward passes summed, then one step
+            apply_gradients(self.a_optimizer, a_vars)
+        return total / acfg["steps"]
+
+    def train_step(self, data):
+        (x, x_attack), y = data
+        if self.clean_augment is not None:
+            x = self.clean_augment(x)
+        x_attack = self.augment(x_attack, training=True)
+        a_loss = self.attacker_step(x_attack)
+        d_vars = self.defender.trainable_variables
+        terms = self.losses_on(x, y, x_attack)
+        zero_grad(d_vars)
+        terms["loss"].backward()
+        apply_gradients(self.d_optimizer, d_vars)
+        acc = float((terms["d_logits"].argmax(1) == y).float().mean())
+        return {"loss": float(terms["loss"].detach()), "kd": float(terms["kd"].detach()),
+                "ce": float(terms["ce"].detach()), "adv": float(terms["adv"].detach()), "atk": a_loss, "acc": acc}
+
+
+def member_names(members):
+    names, seen = [], {}
+    for m in members:
+        base = m["name"] or m["architecture"]
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 and sum(
+            (x["name"] or x["architecture"]) == base for x in members) == 1 else f"{base}_{seen[base]}")
+    return names
+
+
+def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict, fingerprint, steps_cap=None,
+                 epochs=None):
+    """Trains one member (resuming per epoch) and saves it as its own deployable folder; returns its card."""
+    import torch
+
+    folder = pathlib.Path(folder)
+    card_path = folder / artifacts.CARD
+    if card_path.exists():
+        card = artifacts.read_card(folder)
+        if card.get("fingerprint") == fingerprint:
+            progress.log(f"[{name}] already trained (test acc {card['metrics']['test_acc']:.4f})")
+            return card
+    keras.utils.set_random_seed(spec["seed"] + 1000 * (1 + sum(map(ord, name))) % 100_000)
+    shape, k = data.input_shape, data.num_classes
+    defender = build_model(member_cfg["architecture"], shape, k, data.mean, data.std, name=name,
+                           **member_cfg["options"])
+    acfg = member_cfg["attacker"]
+    attacker = build_model(acfg["architecture"] or member_cfg["architecture"], shape, k, data.mean, data.std,
+                           name=f"{name}_attacker", **(acfg["options"] or member_cfg["options"]))
+    dev = device()
+    bs = member_cfg["batch_size"]
+    clean = BatchStream(data.train, bs, shuffle=True, seed=spec["seed"], drop_last=True, device=dev)
+    attack_stream = BatchStream(data.train, bs, shuffle=True, seed=spec["seed"] + 7919, drop_last=True, device=dev)
+    steps = min(len(clean), steps_cap or len(clean))
+    epochs = epochs or member_cfg["epochs"]
+    d_opt = make_optimizer(member_cfg["optimizer"], member_cfg["schedule"], steps, epochs)
+    a_opt = make_optimizer(acfg["optimizer"], acfg["schedule"], steps, epochs)
+    trainer = MisleaderMember(defender, attacker, teacher, member_cfg, AttackerAugmentation(spec["augment"]),
+                              clean_augmentation(spec["clean_augment"]))
+    trainer.compile(d_optimizer=d_opt, a_optimizer=a_opt)
+    loop = EpochLoop(folder, name, epochs, steps, {"defender": defender, "attacker": attacker},
+                     {"d_opt": d_opt, "a_opt": a_opt}, fingerprint, "best_val")
+    d_predict, a_predict = model_predictor(defender, dev), model_predictor(attacker, dev)
+
+    def train_epoch(epoch, on_step):
+        sums, n = {}, 0
+        for i, ((x, y), (x_att, _)) in enumerate(zip(clean.epoch(epoch), attack_stream.epoch(epoch))):
+            if i >= steps:
+                break
+            metrics = trainer.train_step(((x, x_att), y))
+            for key, value in metrics.items():
+                sums[key] = sums.get(key, 0.0) + value
+            n += 1
+            on_step(**{key: sums[key] / n for key in ("loss", "kd", "ce", "adv", "atk")})
+        out = {f"train_{key}": value / max(1, n) for key, value in sums.items()}
+        out["lr"] = float(d_opt.mtk_schedule.lr_at_epoch(epoch))
+        return out
+
+    def validate():
+        return {"val_acc": accuracy(d_predict, data.val), "val_attacker_acc": accuracy(a_predict, data.val)}
+
+    meta = loop.run(train_epoch, validate)
+    with torch.no_grad():
+        metrics = {
+            "val_acc": accuracy(d_predict, data.val), "test_acc": accuracy(d_predict, data.test),
+            "test_agreement_with_target": agreement(d_predict, teacher_predict, data.test.x),
+            "simulated_attacker_test_acc": accuracy(a_predict, data.test),
+            "selected_epoch": meta["best"]["epoch"],
+        }
+    filename = artifacts.save_model(folder, defender)
+    card = {
+        "kind": "member", "name": name, "created": artifacts.now(),
+        "deployable": {"type": "model", "file": filename},
+        "dataset": artifacts.dataset_card(data),
+        "architecture": {"architecture": member_cfg["architecture"], "options": member_cfg["options"],
+                         "trainable_params": count_trainable_params(defender)},
+        "member": member_cfg, "metrics": metrics, "history": meta["history"],
+        "train_seconds": round(meta["elapsed"], 1), "fingerprint": fingerprint, "versions": artifacts.versions(),
+    }
+    artifacts.write_card(folder, card)
+    loop.clear()
+    progress.log(f"[{name}] val acc {metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f}, "
+                 f"agreement with target {metrics['test_agreement_with_target']:.4f}")
+    return card
