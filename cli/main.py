@@ -7,6 +7,7 @@ problem and exit with status 2.
 import functools
 import json
 import os
+import pathlib
 import sys
 
 import click
@@ -166,6 +167,22 @@ def defend_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
     for name, member in card.get("members", {}).items():
         m = member["metrics"]
         click.echo(f"  {name:16s} test acc {m['test_acc']:.4f}  agreement {m['test_agreement_with_target']:.4f}")
+
+
+@main.command("utility")
+@click.argument("defenses", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default="results/utility", show_default=True, help="Output path stem (.json and .md).")
+@_common
+def utility_cmd(defenses, out, verbose, as_json):
+    """Utility table (paper Table 2 layout): target, each member and the ensemble of each defense folder."""
+    from toolkit.experiments.report import write_utility
+
+    command = "mtk utility " + " ".join(defenses) + (f" --out {out}" if out != "results/utility" else "")
+    rows = write_utility(defenses, out, command)
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        click.echo(pathlib.Path(out).with_suffix(".md").read_text())
 
 
 def _print_card(card, as_json, verbose):

@@ -168,6 +168,7 @@ def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict,
             "selected_epoch": meta["best"]["epoch"],
         }
     filename = artifacts.save_model(folder, defender)
+    artifacts.save_model(folder, attacker, "attacker.keras")  # the simulated clone, kept for analysis
     card = {
         "kind": "member", "name": name, "created": artifacts.now(),
         "deployable": {"type": "model", "file": filename},

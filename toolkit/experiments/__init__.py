@@ -1,0 +1,1 @@
+"""Experiments: reports over artifact cards now; grids, the results store and executors join here."""
