@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import keras
 import torch
 
 from toolkit.errors import UserError
@@ -68,7 +69,7 @@ def test_lenet_matches_torch_reference_function():
 
 def test_batchnorm_uses_torch_defaults():
     model = build_model("resnet18_8x_w16", (3, 32, 32), 10)
-    bns = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert bns and all(bn.momentum == 0.9 and bn.epsilon == 1e-5 and bn.axis == 1 for bn in bns)
 
 
@@ -85,3 +86,34 @@ def test_lenet_rejects_wrong_input_size():
 def test_registry_lists_the_zoo():
     assert {"lenet5", "lenet5_half", "lenet5_fifth", "resnet18_8x", "resnet34_8x", "mobilenet_v2",
             "densenet121"} <= set(available_architectures())
+
+
+def test_torch_batchnorm_matches_torch_module():
+    from toolkit.models.layers import TorchBatchNorm
+
+    x = torch.randn(16, 5, 6, 6) * 3 + 1
+    ours, ref = TorchBatchNorm(axis=1, momentum=0.9, epsilon=1e-5), torch.nn.BatchNorm2d(5)
+    ours.build(x.shape)
+    for training in (True, True, False):
+        ref.train(training)
+        torch.testing.assert_close(ours(x, training=training), ref(x).detach())
+    torch.testing.assert_close(ours.moving_mean.value.detach(), ref.running_mean)
+    torch.testing.assert_close(ours.moving_variance.value.detach(), ref.running_var)
+
+
+@pytest.mark.parametrize("arch,shape", [("lenet5", (1, 32, 32)), ("resnet18_8x_w16", (3, 32, 32)),
+                                        ("mobilenet_v2", (3, 32, 32)), ("densenet121", (3, 32, 32))])
+def test_fast_forward_is_the_same_computation(arch, shape):
+    from toolkit.models.fast import forward
+
+    model = build_model(arch, shape, 10, mean=[0.5] * shape[0], std=[0.25] * shape[0])
+    x = torch.rand(4, *shape)
+    torch.testing.assert_close(forward(model, x, False), model(x, training=False), rtol=0, atol=0)
+    start = [w.copy() for w in model.get_weights()]
+    torch.manual_seed(0)
+    a, after_a = model(x, training=True), model.get_weights()
+    model.set_weights(start)
+    torch.manual_seed(0)
+    b, after_b = forward(model, x, True), model.get_weights()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(np.array_equal(p, q) for p, q in zip(after_a, after_b))

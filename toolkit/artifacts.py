@@ -66,7 +66,9 @@ class ModelDeployable(Deployable):
     def _proba(self, x):
         import torch
 
-        return torch.softmax(self.model(x, training=False), dim=1)
+        from toolkit.models.fast import forward
+
+        return torch.softmax(forward(self.model, x, False), dim=1)
 
 
 def load_keras_model(path):

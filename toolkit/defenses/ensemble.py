@@ -3,6 +3,7 @@
 import pathlib
 
 from toolkit.artifacts import Deployable, load_keras_model, register_deployable
+from toolkit.models.fast import forward
 
 
 class EnsembleDeployable(Deployable):
@@ -18,7 +19,7 @@ class EnsembleDeployable(Deployable):
 
         out = None
         for model, weight in zip(self.models, self.weights):
-            p = torch.softmax(model(x, training=False), dim=1) * weight
+            p = torch.softmax(forward(model, x, training=False), dim=1) * weight
             out = p if out is None else out + p
         return out
 

@@ -15,6 +15,7 @@ from toolkit.data import BatchStream
 from toolkit.data.augment import AttackerAugmentation, clean_augmentation
 from toolkit.defenses.losses import adversary_divergence, attacker_loss, distillation_loss
 from toolkit.models import build_model, count_trainable_params
+from toolkit.models.fast import forward
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 from toolkit.training.loop import EpochLoop
 from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
@@ -37,6 +38,10 @@ class MisleaderMember(keras.Model):
         self.augment = augment or AttackerAugmentation()
         self.clean_augment = clean_augment
         self.teacher.trainable = False
+        # Without BatchNorm or Dropout, k passes on one batch compute k identical gradients: one pass with k x the
+        # loss is the same math at 1/k of the cost (LeNet attackers), so 'repeat' takes that path too.
+        self._attacker_is_deterministic = not any(
+            isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Dropout)) for layer in attacker.layers)
 
     def compile(self, d_optimizer, a_optimizer, **kwargs):
         # A plain compile() would build an unused default optimizer over every weight.
@@ -46,7 +51,7 @@ class MisleaderMember(keras.Model):
         self.a_optimizer.build(self.attacker.trainable_variables)
 
     def call(self, x, training=False):
-        return self.defender(x, training=training)
+        return forward(self.defender, x, training)
 
     def losses_on(self, x, y, x_attack):
         """The member objective on a fixed batch (no parameter update): total, kd, ce, adversary terms."""
@@ -54,10 +59,10 @@ class MisleaderMember(keras.Model):
 
         cfg = self.config
         with torch.no_grad():
-            t_logits = self.teacher(x, training=False)
-            a_logits = self.attacker(x_attack, training=True)
-        d_logits = self.defender(x, training=True)
-        d_attack_logits = self.defender(x_attack, training=True)
+            t_logits = forward(self.teacher, x, False)
+            a_logits = forward(self.attacker, x_attack, True)
+        d_logits = forward(self.defender, x, True)
+        d_attack_logits = forward(self.defender, x_attack, True)
         distill, kd, ce = distillation_loss(d_logits, t_logits, y, cfg["temperature"], cfg["alpha"])
         adv = adversary_divergence(d_attack_logits, a_logits, cfg["adversary_loss"], cfg["adversary_clamp"])
         return {"loss": distill - cfg["lambda"] * adv, "kd": kd, "ce": ce, "adv": adv, "d_logits": d_logits}
@@ -69,11 +74,17 @@ class MisleaderMember(keras.Model):
         acfg = self.config["attacker"]
         a_vars = self.attacker.trainable_variables
         with torch.no_grad():
-            d_attack = self.defender(x_attack, training=True)
+            d_attack = forward(self.defender, x_attack, True)
         zero_grad(a_vars)
+        if acfg["mode"] == "accumulate" and (acfg["passes"] == "scale" or self._attacker_is_deterministic):
+            # One pass with k x the loss: the same summed gradient as k identical passes, at 1/k of the cost.
+            loss = attacker_loss(d_attack, forward(self.attacker, x_attack, True))
+            (loss * acfg["steps"]).backward()
+            apply_gradients(self.a_optimizer, a_vars)
+            return float(loss.detach())
         total = 0.0
         for _ in range(acfg["steps"]):
-            loss = attacker_loss(d_attack, self.attacker(x_attack, training=True))
+            loss = attacker_loss(d_attack, forward(self.attacker, x_attack, True))
             loss.backward()
             total += float(loss.detach())
             if acfg["mode"] == "steps":

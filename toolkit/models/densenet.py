@@ -35,6 +35,6 @@ def _densenet(x, num_classes, growth=32, blocks=(6, 12, 24, 16), init_features=6
 
 
 @register_architecture("densenet121", min_size=16)
-def densenet121(x, num_classes):
-    """DenseNet-121 for 32x32 inputs (6.96M parameters at 10 classes)."""
-    return _densenet(x, num_classes)
+def densenet121(x, num_classes, growth=32, blocks=(6, 12, 24, 16), init_features=64):
+    """DenseNet-121 for 32x32 inputs (6.96M parameters at 10 classes); growth/blocks shrink it for CPU presets."""
+    return _densenet(x, num_classes, growth, tuple(blocks), init_features)

@@ -3,6 +3,7 @@
 import numpy as np
 
 from toolkit.data.batches import to_float_tensor
+from toolkit.models.fast import forward
 
 
 def predict_logits(model, x, batch_size=1024, device=None):
@@ -12,7 +13,7 @@ def predict_logits(model, x, batch_size=1024, device=None):
     outs = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
-            outs.append(model(to_float_tensor(x[i:i + batch_size], device), training=False).detach())
+            outs.append(forward(model, to_float_tensor(x[i:i + batch_size], device), False).detach())
     return torch.cat(outs) if outs else torch.zeros((0,))
 
 
@@ -47,6 +48,6 @@ def model_predictor(model, device=None):
 
     def predict(x):
         with torch.no_grad():
-            return model(to_float_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device), training=False)
+            return forward(model, to_float_tensor(np.asarray(x) if not torch.is_tensor(x) else x, device), False)
 
     return predict

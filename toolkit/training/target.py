@@ -8,6 +8,7 @@ from toolkit.backend import configure_keras, device
 from toolkit.data import BatchStream, load_dataset
 from toolkit.data.augment import clean_augmentation
 from toolkit.models import build_model, count_trainable_params
+from toolkit.models.fast import forward
 from toolkit.schemas import load_spec, spec_hash
 from toolkit.training.evaluate import accuracy, model_predictor
 from toolkit.training.loop import EpochLoop
@@ -69,7 +70,7 @@ def train_target(spec, out=None, data_root=None, force=False, dry_run=False):
                 break
             if augment is not None:
                 x = augment(x)
-            logits = model(x, training=True)
+            logits = forward(model, x, training=True)
             loss = F.cross_entropy(logits, y)
             zero_grad(variables)
             loss.backward()
