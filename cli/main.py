@@ -130,7 +130,8 @@ def datasets_cmd(verbose, as_json):
 @main.command("train-target")
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Artifact folder (default runs/targets/NAME).")
-@click.option("--force", is_flag=True, help="Retrain even if the folder holds a finished target.")
+@click.option("--force", is_flag=True,
+              help="Retrain even if the folder holds a finished target or a checkpoint of a different spec.")
 @click.option("--dry-run", is_flag=True, help="Prove the path: one epoch of two steps, into NAME-dry-run.")
 @_data_root
 @_common
@@ -146,7 +147,8 @@ def train_target_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Defense folder (default runs/defenses/NAME).")
-@click.option("--force", is_flag=True, help="Rebuild the ensemble card even if the folder holds a finished one.")
+@click.option("--force", is_flag=True,
+              help="Rebuild even if the folder holds a defense (or checkpoints) from a different spec.")
 @click.option("--dry-run", is_flag=True,
               help="Prove the path: target and each member one epoch of two steps, into NAME-dry-run.")
 @_data_root
@@ -167,6 +169,48 @@ def defend_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
     for name, member in card.get("members", {}).items():
         m = member["metrics"]
         click.echo(f"  {name:16s} test acc {m['test_acc']:.4f}  agreement {m['test_agreement_with_target']:.4f}")
+
+
+@main.command("extract")
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--attack", type=click.Choice(["dfme", "dfms-hl", "knockoff"]), help="Attack (overrides the spec).")
+@click.option("--victim", help="Victim artifact folder (target, member or defense).")
+@click.option("--clone", "clone_arch", help="Clone architecture.")
+@click.option("--budget", type=int, help="Query budget.")
+@click.option("--output", "oracle_output", type=click.Choice(["soft", "hard"]), help="What the API returns.")
+@click.option("--seed", type=int, help="Attack seed.")
+@click.option("--name", help="Run name (default: the spec's, or ATTACK-VICTIM-CLONE).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/attacks/NAME).")
+@_data_root
+@_common
+def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, name, out, data_root, verbose,
+                as_json):
+    """Extract a clone of a victim through the black-box oracle: from a threat SPEC and/or options."""
+    from toolkit.attacks.extract import extract
+    from toolkit.errors import UserError
+    from toolkit.schemas import read_json
+
+    data = read_json(spec) if spec else {"kind": "threat"}
+    overrides = {"attack": attack, "victim": victim, "budget": budget, "seed": seed, "name": name}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    if clone_arch:
+        data["clone"] = {**data.get("clone", {}), "architecture": clone_arch}
+    if oracle_output:
+        data["oracle"] = {**data.get("oracle", {}), "output": oracle_output}
+    if not spec:
+        missing = [opt for opt, key in (("--attack", "attack"), ("--victim", "victim")) if key not in data]
+        if missing:
+            raise UserError(f"without a threat spec, {' and '.join(missing)} must be given")
+        data.setdefault("name", f"{data['attack']}-{pathlib.Path(data['victim']).name}-"
+                                f"{data.get('clone', {}).get('architecture', 'lenet5')}")
+    result = extract(data, out=out, data_root=data_root)
+    if as_json:
+        click.echo(json.dumps(result if verbose else {k: result[k] for k in (
+            "attack", "victim", "clone_architecture", "queries_used", "clone_test_acc", "fidelity", "wall_seconds")}))
+    else:
+        click.echo(f"{result['attack']} on {result['victim']}: clone ({result['clone_architecture']}) test acc "
+                   f"{result['clone_test_acc']:.4f}, fidelity {result['fidelity']:.4f}, "
+                   f"{result['queries_used']} queries, {result['wall_seconds']:.0f}s")
 
 
 @main.command("utility")

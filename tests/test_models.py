@@ -117,3 +117,24 @@ def test_fast_forward_is_the_same_computation(arch, shape):
     b, after_b = forward(model, x, True), model.get_weights()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(np.array_equal(p, q) for p, q in zip(after_a, after_b))
+
+
+@pytest.mark.parametrize("cin,cout,size", [(3, 5, 4), (16, 8, 8)])
+def test_upsample_conv_equals_upsampling_then_conv(cin, cout, size):
+    import torch.nn.functional as F
+
+    from toolkit.models.layers import UpsampleConv2D
+
+    layer = UpsampleConv2D(cout, bias_initializer="random_normal")
+    x = torch.randn(4, cin, size, size, requires_grad=True)
+    layer.build(x.shape)
+    kernel = layer.kernel.value
+    ref = F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), kernel.permute(3, 2, 0, 1), layer.bias.value,
+                   padding=1)
+    out = layer(x)
+    assert out.shape == (4, cout, 2 * size, 2 * size)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    g_out = torch.autograd.grad((out * out).sum(), [x, kernel])
+    g_ref = torch.autograd.grad((ref * ref).sum(), [x, kernel])
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -41,6 +41,11 @@ def test_small_mnist_training_reaches_95_percent_and_reloads(tmp_path, cli_env, 
     assert proba.shape == (10_000, 10) and not proba.requires_grad
     np.testing.assert_allclose(proba.sum(1).numpy(), 1.0, atol=1e-5)
     assert abs((proba.argmax(1).numpy() == mnist.test.y).mean() - card["metrics"]["test_acc"]) < 1e-9
+    # It also loads in a fresh interpreter (custom layers registered by importing the toolkit alone).
+    code = ("import sys, toolkit; from toolkit.artifacts import load_deployable; "
+            "print(load_deployable(sys.argv[1]).predict_proba(__import__('torch').zeros(2, 1, 32, 32)).shape)")
+    fresh = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0 and "torch.Size([2, 10])" in fresh.stdout, fresh.stderr
     # A finished artifact is reused, not retrained; a changed spec is refused.
     again = CliRunner().invoke(main, ["train-target", str(_spec(tmp_path)), "--out", str(out), "--json"])
     assert json.loads(again.output)["metrics"] == summary["metrics"]

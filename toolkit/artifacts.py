@@ -76,7 +76,7 @@ def load_keras_model(path):
     import keras
 
     import toolkit.data.augment  # noqa: F401  (registers layers)
-    import toolkit.models  # noqa: F401
+    import toolkit.models.layers  # noqa: F401
     import toolkit.training.optim  # noqa: F401
 
     path = pathlib.Path(path)

@@ -83,7 +83,7 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False):
                                  "data": data.fingerprint(), "dry_run": dry_run})
         member_cards.append(train_member(
             folder / "members" / name, name, member, spec, data, teacher, teacher_predict, fingerprint,
-            steps_cap=DRY_RUN_STEPS if dry_run else None, epochs=1 if dry_run else None))
+            steps_cap=DRY_RUN_STEPS if dry_run else None, epochs=1 if dry_run else None, force=force))
 
     weights = spec["ensemble"]["weights"] or [1.0] * len(names)
     if len(weights) != len(names):

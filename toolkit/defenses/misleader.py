@@ -120,7 +120,7 @@ def member_names(members):
 
 
 def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict, fingerprint, steps_cap=None,
-                 epochs=None):
+                 epochs=None, force=False):
     """Trains one member (resuming per epoch) and saves it as its own deployable folder; returns its card."""
     import torch
 
@@ -150,7 +150,7 @@ def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict,
                               clean_augmentation(spec["clean_augment"]))
     trainer.compile(d_optimizer=d_opt, a_optimizer=a_opt)
     loop = EpochLoop(folder, name, epochs, steps, {"defender": defender, "attacker": attacker},
-                     {"d_opt": d_opt, "a_opt": a_opt}, fingerprint, "best_val")
+                     {"d_opt": d_opt, "a_opt": a_opt}, fingerprint, "best_val", discard_stale=force)
     d_predict, a_predict = model_predictor(defender, dev), model_predictor(attacker, dev)
 
     def train_epoch(epoch, on_step):

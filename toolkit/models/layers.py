@@ -104,3 +104,64 @@ def conv(filters, kernel_size, strides=1, padding=0, use_bias=False, init=None, 
         return x
 
     return apply
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class UpsampleConv2D(keras.layers.Layer):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 'same' convolution, computed without the upsampling.
+
+    On a nearest-upsampled image each output pixel of a given parity (row and column even/odd) sees a 2x2 window of
+    the low-resolution input with some of the 3x3 taps summed, so the layer runs one 2x2 convolution with 4x the
+    output channels on the small image and interleaves the four results: the same function and gradients as
+    ``UpSampling2D(2)`` + ``Conv2D(3, padding=1)`` with about 2.2x fewer multiply-adds. The kernel is stored in the
+    usual (3, 3, in, out) form.
+    """
+
+    # For output parity a, low-res offsets (in a 1-padded input) and the 3x3 taps summed into each of them.
+    _TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
+
+    def __init__(self, filters, use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.use_bias = int(filters), bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        self.kernel = self.add_weight(shape=(3, 3, int(input_shape[1]), self.filters),
+                                      initializer=self.kernel_initializer, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer=self.bias_initializer,
+                                    name="bias") if self.use_bias else None
+
+    def _phase_kernels(self):
+        import torch
+
+        k = self.kernel.value.permute(3, 2, 0, 1)  # (out, in, 3, 3) as torch's conv2d wants
+        blocks = []
+        for a in (0, 1):
+            rows = [k[:, :, list(taps), :].sum(2) for taps in self._TAPS[a]]  # two (out, in, 3) row groups
+            for b in (0, 1):
+                blocks.append(torch.stack(
+                    [torch.stack([r[:, :, list(taps)].sum(2) for taps in self._TAPS[b]], -1) for r in rows], -2))
+        return torch.cat(blocks, 0)  # (4*out, in, 2, 2), parity-major
+
+    def call(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        n, _, h, w = x.shape
+        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._phase_kernels())  # (n, 4*out, h+1, w+1)
+        y = y.view(n, 2, 2, self.filters, h + 1, w + 1)
+        parts = [[y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)] for a in (0, 1)]
+        out = torch.stack([torch.stack(row, -1) for row in parts], -2)  # (n, out, h, w, a, b)
+        out = out.permute(0, 1, 2, 4, 3, 5).reshape(n, self.filters, 2 * h, 2 * w)
+        return out if self.bias is None else out + self.bias.value.view(1, -1, 1, 1)
+
+    def compute_output_shape(self, input_shape):
+        n, _, h, w = input_shape
+        return (n, self.filters, None if h is None else 2 * h, None if w is None else 2 * w)
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}

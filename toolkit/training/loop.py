@@ -3,6 +3,8 @@
 import json
 import time
 
+import numpy as np
+
 from toolkit import progress
 from toolkit.errors import UserError
 from toolkit.training.checkpoint import atomic_write_bytes, load_state, load_weights_only, save_state
@@ -15,18 +17,28 @@ class EpochLoop:
     per epoch). ``fingerprint`` guards against resuming a checkpoint written by a different spec.
     """
 
-    def __init__(self, folder, name, epochs, steps_per_epoch, models, optimizers, fingerprint, select="best_val"):
+    def __init__(self, folder, name, epochs, steps_per_epoch, models, optimizers, fingerprint, select="best_val",
+                 discard_stale=False):
+        self.discard_stale = discard_stale
         self.folder, self.name, self.epochs, self.steps_per_epoch = folder, name, epochs, steps_per_epoch
         self.models, self.optimizers, self.fingerprint, self.select = models, optimizers, fingerprint, select
         self.state_path = folder / "checkpoint" / f"{name}.state.npz"
         self.best_path = folder / "checkpoint" / f"{name}.best.npz"
 
     def _restore(self):
+        fresh = {"next_epoch": 0, "history": [], "best": None, "fingerprint": self.fingerprint, "elapsed": 0.0}
         if not self.state_path.exists():
-            return {"next_epoch": 0, "history": [], "best": None, "fingerprint": self.fingerprint, "elapsed": 0.0}
+            return fresh
+        with np.load(self.state_path) as data:
+            stored = json.loads(bytes(data["__meta__"]).decode()).get("fingerprint")
+        if stored != self.fingerprint:
+            if not self.discard_stale:
+                raise UserError(f"{self.state_path}: checkpoint of a different spec; use --force to discard it, "
+                                "or choose --out")
+            progress.log(f"[{self.name}] discarding a checkpoint of a different spec (--force)")
+            self.clear()
+            return fresh
         meta = load_state(self.state_path, self.models, self.optimizers)
-        if meta.get("fingerprint") != self.fingerprint:
-            raise UserError(f"{self.state_path}: checkpoint of a different spec; remove the folder or choose --out")
         progress.log(f"[{self.name}] resuming after epoch {meta['next_epoch']}/{self.epochs}")
         return meta
 

@@ -60,7 +60,7 @@ def train_target(spec, out=None, data_root=None, force=False, dry_run=False):
     optimizer.build(variables)
     augment = clean_augmentation(train_cfg["augment"])
     loop = EpochLoop(folder, spec["name"], train_cfg["epochs"], steps, {"model": model}, {"opt": optimizer},
-                     digest, train_cfg["select"])
+                     digest, train_cfg["select"], discard_stale=force)
     predict = model_predictor(model, dev)
 
     def train_epoch(epoch, on_step):

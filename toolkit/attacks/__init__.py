@@ -1,0 +1,1 @@
+"""Model-extraction attacks. Each sees the victim only through ``toolkit.oracle.Oracle``."""

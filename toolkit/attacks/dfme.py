@@ -1,0 +1,132 @@
+"""DFME (Truong et al., CVPR 2021), soft-label data-free extraction, following cake-lab's code.
+
+Per iteration: one generator step — the gradient of the clone/victim L1 disagreement w.r.t. the generator's
+(pre-tanh) images is estimated by forward differences along ``m`` random unit directions (B*(m+1) queries) and
+back-propagated into the generator — then ``d_iter`` clone steps on fresh generated batches (B queries each), L1
+between the clone's logits and the victim's logits recovered from its probabilities as log(p) minus its mean.
+"""
+
+import math
+
+from toolkit import progress
+from toolkit.models.fast import forward
+from toolkit.oracle import BudgetExhausted, recover_logits
+from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
+
+def resolve(cfg, preset):
+    """The dfme block with the preset's values where the block leaves them null."""
+    if preset not in PRESETS:
+        from toolkit.errors import UserError
+
+        raise UserError(f"unknown dfme preset '{preset}'; known: {', '.join(PRESETS)}")
+    return {**cfg, **{k: v for k, v in PRESETS[preset].items() if cfg.get(k) is None}}
+
+
+PRESETS = {
+    "canonical": {"batch_size": 256, "lr_G": 1e-4, "grad_m": 1, "grad_epsilon": 1e-3},
+    "misleader-released": {"batch_size": 2048, "lr_G": 1e-5, "grad_m": 1, "grad_epsilon": 1e-3},
+}
+
+
+def victim_targets(answers, released_prob_as_logit=False):
+    """The victim's logits as the clone's L1 target.
+
+    Canonical: log(p) - mean(log p), the logits up to the constant softmax discards. The released MISLEADER code
+    applied log_softmax to the averaged probabilities as if they were logits (a flaw kept only to compare numbers).
+    """
+    import torch
+
+    if released_prob_as_logit:
+        z = torch.log_softmax(answers, dim=1)
+        return z - z.mean(dim=1, keepdim=True)
+    return recover_logits(answers)
+
+
+class DFMEAttack:
+    def __init__(self, oracle, clone, generator, cfg, image_shape, evaluate=None, check=None):
+        self.oracle, self.clone, self.generator, self.cfg = oracle, clone, generator, cfg
+        self.image_shape = tuple(image_shape)
+        self.evaluate, self.check = evaluate, check
+        self.curve = []
+        b, m, d = cfg["batch_size"], cfg["grad_m"], cfg["d_iter"]
+        self.cost = b * (cfg["g_iter"] * (m + 1) + d)
+        self.iterations = oracle.budget // self.cost
+        self.epochs = self.iterations // cfg["epoch_itrs"] + 1
+        steps = [int(s * self.epochs) for s in cfg["lr_steps"]]
+        schedule = {"name": "multistep", "milestones": [max(1, s) for s in steps], "gamma": cfg["lr_scale"]}
+        self.opt_s = make_optimizer({"name": "sgd", "lr": cfg["lr_S"], "momentum": cfg["momentum"],
+                                     "weight_decay": cfg["weight_decay"]}, schedule, cfg["epoch_itrs"] * d, self.epochs)
+        self.opt_g = make_optimizer({"name": "adam", "lr": cfg["lr_G"]}, schedule,
+                                    cfg["epoch_itrs"] * cfg["g_iter"], self.epochs)
+        self.opt_s.build(clone.trainable_variables)
+        self.opt_g.build(generator.trainable_variables)
+
+    def _images(self, pre):
+        import torch
+
+        return (torch.tanh(pre) + 1) / 2  # the generator's tanh range, as [0, 1] API pixels
+
+    def _z(self):
+        import torch
+
+        return torch.randn(self.cfg["batch_size"], self.cfg["nz"])
+
+    def generator_step(self):
+        import torch
+        import torch.nn.functional as F
+
+        cfg, oracle = self.cfg, self.oracle
+        b, m, eps = cfg["batch_size"], cfg["grad_m"], cfg["grad_epsilon"]
+        g_vars = self.generator.trainable_variables
+        pre = forward(self.generator, self._z(), True)
+        n, c, h, w = pre.shape
+        dim = c * h * w
+        with torch.no_grad():
+            u = torch.randn(n, m, dim)
+            u = (u / u.norm(dim=2, keepdim=True)).view(n, m, c, h, w)
+            u = torch.cat([u, torch.zeros(n, 1, c, h, w)], 1)
+            points = self._images((pre.detach().unsqueeze(1) + eps * u).view(-1, c, h, w))
+            targets = victim_targets(oracle.query(points), cfg["released_prob_as_logit"])
+            clone_out = forward(self.clone, points, False)
+            loss_values = -F.l1_loss(clone_out, targets, reduction="none").mean(1).view(n, m + 1)
+            diffs = (loss_values[:, :-1] - loss_values[:, -1:]).view(n, m, 1, 1, 1)
+            grad = (diffs * u[:, :-1] / eps * dim).mean(1) / (oracle.num_classes * n)
+        zero_grad(g_vars)
+        pre.backward(grad)
+        apply_gradients(self.opt_g, g_vars)
+        return float(loss_values[:, -1].mean())
+
+    def clone_step(self):
+        import torch
+        import torch.nn.functional as F
+
+        s_vars = self.clone.trainable_variables
+        with torch.no_grad():
+            x = self._images(forward(self.generator, self._z(), True))
+            targets = victim_targets(self.oracle.query(x), self.cfg["released_prob_as_logit"])
+        loss = F.l1_loss(forward(self.clone, x, True), targets)
+        zero_grad(s_vars)
+        loss.backward()
+        apply_gradients(self.opt_s, s_vars)
+        return float(loss.detach())
+
+    def run(self, start_iteration=0, on_iteration=None):
+        """Runs iterations until the budget cannot pay for another one; returns the curve."""
+        bar = progress.bar(self.oracle.budget, "dfme queries", unit="q", initial=self.oracle.queries_used)
+        it = start_iteration
+        try:
+            while self.oracle.remaining >= self.cost:
+                for _ in range(self.cfg["g_iter"]):
+                    g_loss = self.generator_step()
+                for _ in range(self.cfg["d_iter"]):
+                    s_loss = self.clone_step()
+                it += 1
+                bar.update(self.cost)
+                bar.set_postfix(loss_S=f"{s_loss:.3f}", loss_G=f"{g_loss:.3f}", refresh=False)
+                if on_iteration is not None:
+                    on_iteration(it)
+        except BudgetExhausted:
+            pass
+        finally:
+            bar.close()
+        return it

@@ -1,0 +1,153 @@
+"""Knockoff Nets (Orekondy et al., CVPR 2019): query natural images from a surrogate set, train a clone on the answers.
+
+Policies: 'random' (uniform without replacement, the public code) and 'adaptive' (the paper's gradient bandit over
+surrogate classes, rewarded by the answers' certainty, diversity and the clone's loss). The budget is spent in
+rounds; after each round the clone keeps training on everything collected so far, which gives the accuracy-vs-queries
+curve. Model selection uses a slice of the attacker's own answers, never the defender's data.
+"""
+
+import numpy as np
+
+from toolkit import progress
+from toolkit.data.batches import to_float_tensor
+from toolkit.models.fast import forward
+from toolkit.oracle import BudgetExhausted
+from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
+
+
+def soft_cross_entropy(logits, targets):
+    import torch.nn.functional as F
+
+    if targets.ndim == 1:
+        return F.cross_entropy(logits, targets)
+    return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+class KnockoffAttack:
+    """Collects a transfer set through ``oracle`` from ``pool`` (a Split) and trains ``clone`` on it."""
+
+    def __init__(self, oracle, clone, pool, config, seed=0, evaluate=None):
+        self.oracle, self.clone, self.pool = oracle, clone, pool
+        self.cfg = config  # the threat spec's "knockoff" block, defaults filled
+        self.rng = np.random.default_rng(seed)
+        self.evaluate = evaluate  # reporting only (defender's test set); never used for a decision
+        self.queried, self.answers = [], []
+        self.curve = []
+
+    def _next_indices(self, n, used):
+        if self.cfg["policy"] == "adaptive":
+            return self._bandit_indices(n, used)
+        free = np.setdiff1d(np.arange(len(self.pool)), np.fromiter(used, int, len(used)), assume_unique=False)
+        if len(free) < n:
+            raise BudgetExhausted(f"surrogate pool exhausted ({len(self.pool)} images)")
+        return self.rng.choice(free, size=n, replace=False)
+
+    def run(self):
+        import torch
+
+        cfg, oracle = self.cfg, self.oracle
+        total = min(oracle.remaining, len(self.pool))
+        per_round = int(np.ceil(total / cfg["rounds"]))
+        epochs_per_round = max(1, cfg["epochs"] // cfg["rounds"])
+        steps_guess = max(1, int(np.ceil(total / cfg["batch_size"])))
+        opt = make_optimizer(cfg["optimizer"], cfg["schedule"], steps_guess, cfg["epochs"])
+        variables = self.clone.trainable_variables
+        opt.build(variables)
+        used = set()
+        if cfg["policy"] == "adaptive":
+            self._bandit_setup()
+        bar = progress.bar(total, "knockoff queries", unit="q")
+        for r in range(cfg["rounds"]):
+            target = min(total, (r + 1) * per_round)
+            while len(used) < target:
+                n = min(cfg["query_batch"], target - len(used))
+                idx = self._next_indices(n, used)
+                answers = oracle.query(to_float_tensor(self.pool.x[idx]))
+                if cfg["policy"] == "adaptive":
+                    self._bandit_update(idx, answers)
+                used.update(idx.tolist())
+                self.queried.append(idx)
+                self.answers.append(answers.cpu())
+                bar.update(n)
+            x_idx = np.concatenate(self.queried)
+            y = torch.cat(self.answers)
+            n_check = max(1, int(len(x_idx) * cfg["check_fraction"]))
+            for _ in range(epochs_per_round):
+                self._train_epoch(opt, variables, x_idx[n_check:], y[n_check:])
+            check = self._agreement(x_idx[:n_check], y[:n_check])
+            point = {"queries": oracle.queries_used, "attacker_check_agreement": check}
+            if self.evaluate is not None:
+                point.update(self.evaluate(self.clone))
+            self.curve.append(point)
+            bar.set_postfix(check=f"{check:.3f}")
+        bar.close()
+        return {"queries_used": oracle.queries_used, "curve": self.curve}
+
+    def _train_epoch(self, opt, variables, x_idx, y):
+        import torch
+
+        order = self.rng.permutation(len(x_idx))
+        bs = self.cfg["batch_size"]
+        for i in range(0, len(order), bs):
+            sel = order[i:i + bs]
+            x = to_float_tensor(self.pool.x[x_idx[sel]])
+            loss = soft_cross_entropy(forward(self.clone, x, True), y[torch.as_tensor(sel)])
+            zero_grad(variables)
+            loss.backward()
+            apply_gradients(opt, variables)
+
+    def _agreement(self, x_idx, y):
+        import torch
+
+        with torch.no_grad():
+            pred = forward(self.clone, to_float_tensor(self.pool.x[x_idx]), False).argmax(1)
+        labels = y if y.ndim == 1 else y.argmax(1)
+        return float((pred.cpu() == labels).float().mean())
+
+    # --- adaptive policy: gradient bandit over surrogate classes (Knockoff Nets, Sec. 4.1.2) ---
+    def _bandit_setup(self):
+        self.classes = np.unique(self.pool.y)
+        self.by_class = {c: list(self.rng.permutation(np.flatnonzero(self.pool.y == c))) for c in self.classes}
+        self.preferences = np.zeros(len(self.classes))
+        self.mean_reward, self.steps = 0.0, 0
+        self.recent = None
+
+    def _policy(self):
+        z = np.exp(self.preferences - self.preferences.max())
+        return z / z.sum()
+
+    def _bandit_indices(self, n, used):
+        pi = self._policy()
+        out, actions = [], []
+        for _ in range(n):
+            open_classes = [k for k, c in enumerate(self.classes) if self.by_class[c]]
+            if not open_classes:
+                raise BudgetExhausted("surrogate pool exhausted")
+            p = pi[open_classes] / pi[open_classes].sum()
+            k = open_classes[self.rng.choice(len(open_classes), p=p)]
+            out.append(self.by_class[self.classes[k]].pop())
+            actions.append(k)
+        self._last_actions = np.array(actions)
+        return np.array(out)
+
+    def _bandit_update(self, idx, answers):
+        import torch
+
+        y = answers.float() if answers.ndim == 2 else torch.nn.functional.one_hot(answers, self.oracle.num_classes).float()
+        top2 = y.topk(2, dim=1).values
+        certainty = (top2[:, 0] - top2[:, 1]).numpy()
+        mean = y.mean(0, keepdim=True) if self.recent is None else self.recent
+        diversity = (y - mean).clamp_min(0).sum(1).numpy()
+        self.recent = 0.9 * mean + 0.1 * y.mean(0, keepdim=True)
+        with torch.no_grad():
+            logits = forward(self.clone, to_float_tensor(self.pool.x[idx]), False).cpu()
+        loss = (-(y * torch.log_softmax(logits, 1)).sum(1)).numpy()
+        parts = {"cert": certainty, "div": diversity, "loss": loss}
+        reward = sum(parts.values()) / 3 if self.cfg["reward"] == "all" else parts[self.cfg["reward"]]
+        pi = self._policy()
+        for k, r in zip(self._last_actions, reward):
+            self.steps += 1
+            self.mean_reward += (r - self.mean_reward) / self.steps
+            onehot = np.zeros_like(pi)
+            onehot[k] = 1.0
+            self.preferences += self.cfg["bandit_lr"] * (r - self.mean_reward) * (onehot - pi)
