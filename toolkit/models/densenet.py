@@ -1,7 +1,7 @@
 """DenseNet-121, CIFAR variant (huyvnphan/PyTorch_CIFAR10): 3x3 stride-1 conv0, keeps the stride-2 max-pool."""
 
 from toolkit.backend import configure_keras
-from toolkit.models.layers import CHANNELS_FIRST, batch_norm, conv, kaiming_normal, torch_default_init
+from toolkit.models.layers import CHANNELS_FIRST, TorchDense, batch_norm, conv, kaiming_normal, torch_default_init
 from toolkit.models.registry import register_architecture
 
 keras = configure_keras()
@@ -30,7 +30,7 @@ def _densenet(x, num_classes, growth=32, blocks=(6, 12, 24, 16), init_features=6
             x = keras.layers.AveragePooling2D(2, data_format=CHANNELS_FIRST)(x)
     x = _bn_relu(x)
     x = keras.layers.GlobalAveragePooling2D(data_format=CHANNELS_FIRST)(x)
-    return keras.layers.Dense(num_classes, kernel_initializer=torch_default_init(x.shape[-1]),
+    return TorchDense(num_classes, kernel_initializer=torch_default_init(x.shape[-1]),
                               bias_initializer="zeros")(x)
 
 

@@ -77,33 +77,83 @@ def batch_norm():
     return TorchBatchNorm(axis=1, momentum=0.9, epsilon=1e-5)
 
 
-def conv(filters, kernel_size, strides=1, padding=0, use_bias=False, init=None, groups=None):
-    """A torch-style Conv2d: explicit symmetric zero padding, then a 'valid' convolution (NCHW).
+@keras.saving.register_keras_serializable(package="mtk")
+class TorchConv2D(keras.layers.Conv2D):
+    """Keras Conv2D (NCHW) computed as one ``F.conv2d`` with torch's symmetric zero ``padding`` and the bias fused.
 
-    Keras 'same' pads asymmetrically for stride 2, which would shift every downsampling window by one pixel relative
-    to the reference models; explicit padding keeps the function identical.
+    Same variables as Conv2D. Keras's own path pads with a separate op (or pads asymmetrically for 'same' at stride
+    2, unlike the reference models) and adds the bias as another op; both cost a full pass over the activations.
     """
-    layers = []
-    if padding:
-        layers.append(keras.layers.ZeroPadding2D(padding, data_format=CHANNELS_FIRST))
+
+    def __init__(self, filters, kernel_size, torch_padding=0, **kwargs):
+        kwargs.update(padding="valid", data_format=CHANNELS_FIRST)
+        super().__init__(filters, kernel_size, **kwargs)
+        self.torch_padding = int(torch_padding)
+
+    def call(self, inputs):
+        import torch.nn.functional as F
+
+        return F.conv2d(inputs, self.kernel.value.permute(3, 2, 0, 1), self.bias.value if self.use_bias else None,
+                        stride=self.strides, padding=self.torch_padding, dilation=self.dilation_rate)
+
+    def compute_output_shape(self, input_shape):
+        p = self.torch_padding
+        n, c, h, w = input_shape
+        padded = (n, c, None if h is None else h + 2 * p, None if w is None else w + 2 * p)
+        return super().compute_output_shape(padded)
+
+    def get_config(self):
+        return {**super().get_config(), "torch_padding": self.torch_padding}
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class TorchDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """Keras DepthwiseConv2D (NCHW, multiplier 1) as one grouped ``F.conv2d`` with torch's symmetric padding."""
+
+    def __init__(self, kernel_size, torch_padding=0, **kwargs):
+        kwargs.update(padding="valid", data_format=CHANNELS_FIRST)
+        super().__init__(kernel_size, **kwargs)
+        self.torch_padding = int(torch_padding)
+
+    def call(self, inputs):
+        import torch.nn.functional as F
+
+        k = self.kernel.value  # (kh, kw, in, multiplier)
+        kh, kw, cin, mult = k.shape
+        weight = k.permute(2, 3, 0, 1).reshape(cin * mult, 1, kh, kw)
+        return F.conv2d(inputs, weight, self.bias.value if self.use_bias else None, stride=self.strides,
+                        padding=self.torch_padding, dilation=self.dilation_rate, groups=cin)
+
+    def compute_output_shape(self, input_shape):
+        p = self.torch_padding
+        n, c, h, w = input_shape
+        padded = (n, c, None if h is None else h + 2 * p, None if w is None else w + 2 * p)
+        return super().compute_output_shape(padded)
+
+    def get_config(self):
+        return {**super().get_config(), "torch_padding": self.torch_padding}
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class TorchDense(keras.layers.Dense):
+    """Keras Dense computed as one fused ``F.linear`` (matmul and bias in one op)."""
+
+    def call(self, inputs, training=None):
+        import torch.nn.functional as F
+
+        if self.lora_enabled or self.quantization_mode or len(inputs.shape) != 2:
+            return super().call(inputs, training=training)
+        out = F.linear(inputs, self.kernel.value.T, self.bias.value if self.use_bias else None)
+        return self.activation(out) if self.activation is not None else out
+
+
+def conv(filters, kernel_size, strides=1, padding=0, use_bias=False, init=None, groups=None):
+    """A torch-style Conv2d (NCHW, symmetric zero padding like the reference models) as a Keras layer."""
     if groups == "depthwise":
-        layers.append(keras.layers.DepthwiseConv2D(
-            kernel_size, strides=strides, padding="valid", use_bias=use_bias, data_format=CHANNELS_FIRST,
-            depthwise_initializer=init or kaiming_normal("fan_in")))
-    else:
-        kwargs = {}
-        if init is not None:
-            kwargs["kernel_initializer"] = init
-        layers.append(keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding="valid", use_bias=use_bias, data_format=CHANNELS_FIRST,
-            **kwargs))
-
-    def apply(x):
-        for layer in layers:
-            x = layer(x)
-        return x
-
-    return apply
+        return TorchDepthwiseConv2D(kernel_size, torch_padding=padding, strides=strides, use_bias=use_bias,
+                                    depthwise_initializer=init or kaiming_normal("fan_in"))
+    kwargs = {"kernel_initializer": init} if init is not None else {}
+    return TorchConv2D(filters, kernel_size, torch_padding=padding, strides=strides, use_bias=use_bias, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="mtk")

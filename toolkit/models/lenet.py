@@ -1,7 +1,7 @@
 """LeNet5 and the two slimmer MNIST members of MISLEADER (conv widths 6-16-120 / 3-8-60 / 4-10-30)."""
 
 from toolkit.backend import configure_keras
-from toolkit.models.layers import CHANNELS_FIRST, torch_default_init
+from toolkit.models.layers import CHANNELS_FIRST, TorchConv2D, TorchDense, torch_default_init
 from toolkit.models.registry import register_architecture
 
 keras = configure_keras()
@@ -11,19 +11,19 @@ def _lenet(x, num_classes, convs, hidden):
     in_channels = x.shape[1]
     for i, filters in enumerate(convs):
         fan_in = in_channels * 25
-        x = keras.layers.Conv2D(filters, 5, data_format=CHANNELS_FIRST, activation="relu",
-                                kernel_initializer=torch_default_init(fan_in),
-                                bias_initializer=torch_default_init(fan_in))(x)
+        x = TorchConv2D(filters, 5, kernel_initializer=torch_default_init(fan_in),
+                        bias_initializer=torch_default_init(fan_in))(x)
+        x = keras.layers.ReLU()(x)
         if i < 2:
             x = keras.layers.MaxPooling2D(2, data_format=CHANNELS_FIRST)(x)
         in_channels = filters
     if x.shape[2] != 1 or x.shape[3] != 1:
         raise ValueError(f"LeNet needs 32x32 inputs (its last conv must reach 1x1), got a {x.shape[2:]} map")
     x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(hidden, activation="relu", kernel_initializer=torch_default_init(convs[-1]),
-                           bias_initializer=torch_default_init(convs[-1]))(x)
-    return keras.layers.Dense(num_classes, kernel_initializer=torch_default_init(hidden),
-                              bias_initializer=torch_default_init(hidden))(x)
+    x = TorchDense(hidden, activation="relu", kernel_initializer=torch_default_init(convs[-1]),
+                   bias_initializer=torch_default_init(convs[-1]))(x)
+    return TorchDense(num_classes, kernel_initializer=torch_default_init(hidden),
+                      bias_initializer=torch_default_init(hidden))(x)
 
 
 @register_architecture("lenet5", min_size=32, max_size=32)

@@ -1,7 +1,7 @@
 """MobileNetV2, CIFAR variant (huyvnphan/PyTorch_CIFAR10, used by MISLEADER): stride-1 stem and second stage."""
 
 from toolkit.backend import configure_keras
-from toolkit.models.layers import batch_norm, conv, kaiming_normal
+from toolkit.models.layers import TorchDense, batch_norm, conv, kaiming_normal
 from toolkit.models.registry import register_architecture
 
 keras = configure_keras()
@@ -49,5 +49,5 @@ def mobilenet_v2(x, num_classes, dropout=0.2, width_mult=1.0):
     x = _conv_bn(x, _divisible(1280 * max(1.0, width_mult)), 1)
     x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
     x = keras.layers.Dropout(dropout)(x)
-    return keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
+    return TorchDense(num_classes, kernel_initializer=keras.initializers.RandomNormal(0.0, 0.01),
                               bias_initializer="zeros")(x)

@@ -1,7 +1,7 @@
 """CIFAR ResNets as used by DFAD/DFME/MISLEADER ("ResNet-8x"): 3x3 stride-1 stem, four stages, global pooling."""
 
 from toolkit.backend import configure_keras
-from toolkit.models.layers import batch_norm, conv, kaiming_normal, torch_default_init
+from toolkit.models.layers import TorchDense, batch_norm, conv, kaiming_normal, torch_default_init
 from toolkit.models.registry import register_architecture
 
 keras = configure_keras()
@@ -26,7 +26,7 @@ def _resnet(x, num_classes, blocks, width=64):
             x = _basic_block(x, planes, 2 if (stage > 0 and i == 0) else 1)
     x = keras.layers.GlobalAveragePooling2D(data_format="channels_first")(x)
     fan_in = x.shape[-1]
-    return keras.layers.Dense(num_classes, kernel_initializer=torch_default_init(fan_in),
+    return TorchDense(num_classes, kernel_initializer=torch_default_init(fan_in),
                               bias_initializer=torch_default_init(fan_in))(x)
 
 
