@@ -31,6 +31,12 @@ def test_knockoff_in_distribution_small_budget(tmp_path, cli_env):
 
 
 def test_unimplemented_attack_is_a_clear_error(tmp_path, cli_env):
-    result = CliRunner().invoke(main, ["extract", "--attack", "dfme", "--victim", str(tmp_path)])
+    result = CliRunner().invoke(main, ["extract", "--attack", "dfms-hl", "--victim", str(tmp_path)])
     assert result.exit_code == 2
-    assert "attack 'dfme' is not implemented in this version" in result.stderr
+    assert "attack 'dfms-hl' is not implemented in this version" in result.stderr
+
+
+def test_missing_victim_is_a_clear_error(tmp_path, cli_env):
+    result = CliRunner().invoke(main, ["extract", "--attack", "knockoff", "--victim", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"{tmp_path / 'none'}: not an mtk artifact (no card.json)"
