@@ -77,7 +77,7 @@ def load_keras_model(path):
 
     import toolkit.data.augment  # noqa: F401  (registers layers)
     import toolkit.models.layers  # noqa: F401
-    import toolkit.training.optim  # noqa: F401
+    import toolkit.training.optim  # noqa: F401  (registers EpochSchedule)
 
     path = pathlib.Path(path)
     if not path.exists():

@@ -6,8 +6,6 @@ input row against the budget — labelling, validation and gradient-estimation q
 overspend the budget is refused whole with ``BudgetExhausted``, so an attack stops cleanly at the budget.
 """
 
-import math
-
 from toolkit.errors import UserError
 
 
@@ -105,7 +103,3 @@ def recover_logits(proba, eps=1e-12):
 
     logp = torch.log(proba.clamp_min(eps))
     return logp - logp.mean(dim=1, keepdim=True)
-
-
-def budget_iterations(budget, cost_per_iteration):
-    return math.floor(budget / cost_per_iteration)

@@ -6,8 +6,6 @@ back-propagated into the generator — then ``d_iter`` clone steps on fresh gene
 between the clone's logits and the victim's logits recovered from its probabilities as log(p) minus its mean.
 """
 
-import math
-
 from toolkit import progress
 from toolkit.models.fast import forward
 from toolkit.oracle import BudgetExhausted, recover_logits
@@ -76,7 +74,7 @@ class DFMEAttack:
         import torch.nn.functional as F
 
         cfg, oracle = self.cfg, self.oracle
-        b, m, eps = cfg["batch_size"], cfg["grad_m"], cfg["grad_epsilon"]
+        m, eps = cfg["grad_m"], cfg["grad_epsilon"]
         g_vars = self.generator.trainable_variables
         pre = forward(self.generator, self._z(), True)
         n, c, h, w = pre.shape

@@ -104,6 +104,7 @@ class AttackerAugmentation(keras.layers.Layer):
 
         schema = get_schema("defense")
         self.config = fill_defaults(schema["$defs"]["augmentation"], config or {}, schema)
+        self._flip = RandomHorizontalFlip(self.config["horizontal_flip"]["p"])
 
     def call(self, x, training=True):
         if not training:
@@ -113,7 +114,7 @@ class AttackerAugmentation(keras.layers.Layer):
         if c["resized_crop"]["enabled"]:
             x = self._resized_crop(x, c["resized_crop"])
         if c["horizontal_flip"]["enabled"]:
-            x = RandomHorizontalFlip(c["horizontal_flip"]["p"])(x, training=True)
+            x = self._flip(x, training=True)
         if c["color_jitter"]["enabled"]:
             x = self._color_jitter(x, c["color_jitter"])
         if c["grayscale"]["enabled"] and x.shape[1] == 3:

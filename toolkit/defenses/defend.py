@@ -1,6 +1,5 @@
 """``mtk defend``: from a defense spec to a deployable defense folder (trains the target first when needed)."""
 
-import json
 import pathlib
 import shutil
 
@@ -124,7 +123,3 @@ def _deploy_undefended(folder, spec, digest, target_folder, target_card, data, t
             "spec": spec, "spec_hash": digest, "versions": artifacts.versions()}
     artifacts.write_card(folder, card)
     return card
-
-
-def summary(card):
-    return json.dumps({"name": card["name"], "metrics": card["metrics"]})

@@ -10,7 +10,6 @@ def kl_batchmean(p_log, q_log):
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature, alpha):
     """alpha * T^2 * KL(softmax(t/T) || softmax(d/T)) + (1 - alpha) * CE(d, y); returns (total, kd, ce)."""
-    import torch
     import torch.nn.functional as F
 
     T = float(temperature)
@@ -27,7 +26,6 @@ def adversary_divergence(defender_logits, attacker_logits, kind="kl", clamp=5.0)
     'kl_clamped': per-sample KL capped at ``clamp`` (no gradient from samples beyond the cap);
     'js': Jensen-Shannon divergence, bounded by log 2.
     """
-    import torch
     import torch.nn.functional as F
 
     a_log = F.log_softmax(attacker_logits.detach(), dim=1)

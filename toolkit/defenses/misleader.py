@@ -7,7 +7,6 @@ Members train independently (each resumable per epoch) and are deployed as a sof
 """
 
 import pathlib
-import time
 
 from toolkit import artifacts, progress
 from toolkit.backend import configure_keras, device

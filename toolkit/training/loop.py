@@ -7,7 +7,7 @@ import numpy as np
 
 from toolkit import progress
 from toolkit.errors import UserError
-from toolkit.training.checkpoint import atomic_write_bytes, load_state, load_weights_only, save_state
+from toolkit.training.checkpoint import load_state, load_weights_only, save_state
 
 
 class EpochLoop:
@@ -81,7 +81,3 @@ class EpochLoop:
         """Removes the resumable state once the final artifact is safely written."""
         for path in (self.state_path, self.best_path):
             path.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
