@@ -106,6 +106,9 @@ class AttackerAugmentation(keras.layers.Layer):
         self.config = fill_defaults(schema["$defs"]["augmentation"], config or {}, schema)
         self._flip = RandomHorizontalFlip(self.config["horizontal_flip"]["p"])
 
+    def build(self, input_shape):
+        self._flip.build(input_shape)  # weightless; building it keeps Keras's state tracking quiet
+
     def call(self, x, training=True):
         if not training:
             return x
