@@ -69,6 +69,7 @@ class Oracle:
                             f"got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise UserError("oracle query is empty")
+        x = x.detach()
         if not torch.isfinite(x).all():
             raise UserError("oracle query holds NaN or infinite pixels")
         if float(x.min()) < 0 or float(x.max()) > 1:
