@@ -77,8 +77,24 @@ def batch_norm():
     return TorchBatchNorm(axis=1, momentum=0.9, epsilon=1e-5)
 
 
+class _TorchPadding:
+    """Symmetric zero padding done inside ``F.conv2d`` (as torch's reference models do), kept in the config."""
+
+    def _init_padding(self, torch_padding):
+        self.torch_padding = int(torch_padding)
+
+    def compute_output_shape(self, input_shape):
+        p = self.torch_padding
+        n, c, h, w = input_shape
+        padded = (n, c, None if h is None else h + 2 * p, None if w is None else w + 2 * p)
+        return super().compute_output_shape(padded)
+
+    def get_config(self):
+        return {**super().get_config(), "torch_padding": self.torch_padding}
+
+
 @keras.saving.register_keras_serializable(package="mtk")
-class TorchConv2D(keras.layers.Conv2D):
+class TorchConv2D(_TorchPadding, keras.layers.Conv2D):
     """Keras Conv2D (NCHW) computed as one ``F.conv2d`` with torch's symmetric zero ``padding`` and the bias fused.
 
     Same variables as Conv2D. Keras's own path pads with a separate op (or pads asymmetrically for 'same' at stride
@@ -88,7 +104,7 @@ class TorchConv2D(keras.layers.Conv2D):
     def __init__(self, filters, kernel_size, torch_padding=0, **kwargs):
         kwargs.update(padding="valid", data_format=CHANNELS_FIRST)
         super().__init__(filters, kernel_size, **kwargs)
-        self.torch_padding = int(torch_padding)
+        self._init_padding(torch_padding)
 
     def call(self, inputs):
         import torch.nn.functional as F
@@ -96,24 +112,15 @@ class TorchConv2D(keras.layers.Conv2D):
         return F.conv2d(inputs, self.kernel.value.permute(3, 2, 0, 1), self.bias.value if self.use_bias else None,
                         stride=self.strides, padding=self.torch_padding, dilation=self.dilation_rate)
 
-    def compute_output_shape(self, input_shape):
-        p = self.torch_padding
-        n, c, h, w = input_shape
-        padded = (n, c, None if h is None else h + 2 * p, None if w is None else w + 2 * p)
-        return super().compute_output_shape(padded)
-
-    def get_config(self):
-        return {**super().get_config(), "torch_padding": self.torch_padding}
-
 
 @keras.saving.register_keras_serializable(package="mtk")
-class TorchDepthwiseConv2D(keras.layers.DepthwiseConv2D):
-    """Keras DepthwiseConv2D (NCHW, multiplier 1) as one grouped ``F.conv2d`` with torch's symmetric padding."""
+class TorchDepthwiseConv2D(_TorchPadding, keras.layers.DepthwiseConv2D):
+    """Keras DepthwiseConv2D (NCHW) as one grouped ``F.conv2d`` with torch's symmetric padding."""
 
     def __init__(self, kernel_size, torch_padding=0, **kwargs):
         kwargs.update(padding="valid", data_format=CHANNELS_FIRST)
         super().__init__(kernel_size, **kwargs)
-        self.torch_padding = int(torch_padding)
+        self._init_padding(torch_padding)
 
     def call(self, inputs):
         import torch.nn.functional as F
@@ -123,15 +130,6 @@ class TorchDepthwiseConv2D(keras.layers.DepthwiseConv2D):
         weight = k.permute(2, 3, 0, 1).reshape(cin * mult, 1, kh, kw)
         return F.conv2d(inputs, weight, self.bias.value if self.use_bias else None, stride=self.strides,
                         padding=self.torch_padding, dilation=self.dilation_rate, groups=cin)
-
-    def compute_output_shape(self, input_shape):
-        p = self.torch_padding
-        n, c, h, w = input_shape
-        padded = (n, c, None if h is None else h + 2 * p, None if w is None else w + 2 * p)
-        return super().compute_output_shape(padded)
-
-    def get_config(self):
-        return {**super().get_config(), "torch_padding": self.torch_padding}
 
 
 @keras.saving.register_keras_serializable(package="mtk")
