@@ -152,6 +152,14 @@ def now():
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+_DERIVED_DATA_KEYS = ("input_shape", "num_classes", "classes", "sizes", "fingerprint")
+
+
+def dataset_config(card):
+    """The dataset spec block a card was made from (``dataset_card`` minus what it derived)."""
+    return {k: v for k, v in card["dataset"].items() if k not in _DERIVED_DATA_KEYS}
+
+
 def dataset_card(dataset):
     """What a card records about the data: the spec block, shapes, classes, stats and a content fingerprint."""
     return {**dataset.config, "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,

@@ -16,20 +16,15 @@ from toolkit.training.checkpoint import atomic_write_json
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 
 IMPLEMENTED = ("knockoff", "dfme")
-_CARD_DATA_KEYS = ("input_shape", "num_classes", "classes", "sizes", "fingerprint")
 
 
 def default_folder(spec):
     return pathlib.Path("runs") / "attacks" / spec["name"]
 
 
-def _dataset_config(card):
-    return {k: v for k, v in card["dataset"].items() if k not in _CARD_DATA_KEYS}
-
-
 def surrogate_pool(cfg, victim_card, data_root):
     """The attacker's natural images: chosen splits of a registry dataset (labels kept only for the bandit)."""
-    data_cfg = cfg["dataset"] or _dataset_config(victim_card)
+    data_cfg = cfg["dataset"] or artifacts.dataset_config(victim_card)
     data = load_dataset(data_cfg, data_root)
     if data.input_shape != tuple(victim_card["dataset"]["input_shape"]):
         raise UserError(f"surrogate dataset '{data.name}' has images {data.input_shape}, the victim takes "
@@ -51,7 +46,7 @@ def extract(spec, out=None, data_root=None):
     folder = pathlib.Path(out) if out else default_folder(spec)
     victim = load_deployable(spec["victim"])
     card = victim.card
-    eval_data = load_dataset(spec["eval_dataset"] or _dataset_config(card), data_root)
+    eval_data = load_dataset(spec["eval_dataset"] or artifacts.dataset_config(card), data_root)
     keras.utils.set_random_seed(spec["seed"])
     clone = build_model(spec["clone"]["architecture"], victim.input_shape, victim.num_classes,
                         eval_data.mean, eval_data.std, name="clone", **spec["clone"]["options"])

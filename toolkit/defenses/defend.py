@@ -12,9 +12,8 @@ from toolkit.errors import UserError
 from toolkit.models import get_architecture
 from toolkit.schemas import load_spec, spec_hash
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
+from toolkit.training.target import DRY_RUN_STEPS, shrink_for_dry_run, train_target
 
-DRY_RUN_STEPS = 2
-DRY_RUN_EVAL = 256
 
 
 def default_folder(spec, dry_run=False):
@@ -25,8 +24,6 @@ def resolve_target(target, data_root=None, dry_run=False):
     """A target artifact folder from the spec's ``target`` (a folder, or a target spec trained when missing)."""
     path = pathlib.Path(target)
     if path.suffix == ".json":
-        from toolkit.training.target import train_target
-
         card = train_target(path, data_root=data_root, dry_run=dry_run)
         return pathlib.Path(card["folder"])
     if not (path / artifacts.CARD).exists():
@@ -60,13 +57,12 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False):
 
     target_folder = resolve_target(spec["target"], data_root, dry_run)
     target_card = read_card(target_folder)
-    data_cfg = spec["dataset"] or {k: v for k, v in target_card["dataset"].items()
-                                   if k not in ("input_shape", "num_classes", "classes", "sizes", "fingerprint")}
+    data_cfg = spec["dataset"] or artifacts.dataset_config(target_card)
     data = load_dataset(data_cfg, data_root)
     if spec["dataset"] is None and data.fingerprint() != target_card["dataset"]["fingerprint"]:
         raise UserError(f"{target_folder}: the target's dataset no longer matches its card (different data root?)")
     if dry_run:
-        data.val, data.test = data.val.take(slice(0, DRY_RUN_EVAL)), data.test.take(slice(0, DRY_RUN_EVAL))
+        shrink_for_dry_run(data)
     teacher = load_keras_model(target_folder / target_card["deployable"]["file"])
     teacher_predict = model_predictor(teacher)
     folder.mkdir(parents=True, exist_ok=True)

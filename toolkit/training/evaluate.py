@@ -6,17 +6,6 @@ from toolkit.data.batches import to_float_tensor
 from toolkit.models.fast import forward
 
 
-def predict_logits(model, x, batch_size=1024, device=None):
-    """Logits of ``model`` on images ``x`` (uint8 or float [0, 1], NCHW), as one detached torch tensor."""
-    import torch
-
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            outs.append(forward(model, to_float_tensor(x[i:i + batch_size], device), False).detach())
-    return torch.cat(outs) if outs else torch.zeros((0,))
-
-
 def accuracy(predict, split, batch_size=1024):
     """Top-1 accuracy of ``predict`` (images -> scores) on a Split."""
     import torch

@@ -20,6 +20,11 @@ keras = configure_keras()
 DRY_RUN_STEPS, DRY_RUN_EVAL = 2, 256
 
 
+def shrink_for_dry_run(data):
+    """Evaluation on the first 256 validation/test images only: a dry run proves the path, it measures nothing."""
+    data.val, data.test = data.val.take(slice(0, DRY_RUN_EVAL)), data.test.take(slice(0, DRY_RUN_EVAL))
+
+
 def default_folder(spec, dry_run=False):
     return pathlib.Path("runs") / "targets" / (spec["name"] + ("-dry-run" if dry_run else ""))
 
@@ -48,7 +53,7 @@ def train_target(spec, out=None, data_root=None, force=False, dry_run=False):
     data = load_dataset(spec["dataset"], data_root)
     data_card = artifacts.dataset_card(data)
     if dry_run:
-        data.val, data.test = data.val.take(slice(0, DRY_RUN_EVAL)), data.test.take(slice(0, DRY_RUN_EVAL))
+        shrink_for_dry_run(data)
     train_cfg = spec["train"]
     model = build_model(spec["model"]["architecture"], data.input_shape, data.num_classes, data.mean, data.std,
                         **spec["model"]["options"])
