@@ -181,11 +181,16 @@ def defend_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
 @click.option("--seed", type=int, help="Attack seed.")
 @click.option("--name", help="Run name (default: the spec's, or ATTACK-VICTIM-CLONE).")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Run folder (default runs/attacks/NAME).")
+@click.option("--force", is_flag=True, help="Discard a checkpoint written by a different spec instead of stopping.")
+@click.option("--dry-run", is_flag=True, help="Spend only a couple of iterations' queries (tiny stages) into "
+              "NAME-dry-run: proves a paper-budget spec starts and finishes.")
 @_data_root
 @_common
-def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, name, out, data_root, verbose,
-                as_json):
-    """Extract a clone of a victim through the black-box oracle: from a threat SPEC and/or options."""
+def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, name, out, force, dry_run, data_root,
+                verbose, as_json):
+    """Extract a clone of a victim through the black-box oracle: from a threat SPEC and/or options.
+
+    Resumes from the run folder's checkpoint after a kill (the query count continues)."""
     from toolkit.attacks.extract import extract
     from toolkit.errors import UserError
     from toolkit.schemas import read_json
@@ -203,7 +208,7 @@ def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, n
             raise UserError(f"without a threat spec, {' and '.join(missing)} must be given")
         data.setdefault("name", f"{data['attack']}-{pathlib.Path(data['victim']).name}-"
                                 f"{data.get('clone', {}).get('architecture', 'lenet5')}")
-    result = extract(data, out=out, data_root=data_root)
+    result = extract(data, out=out, data_root=data_root, force=force, dry_run=dry_run)
     if as_json:
         click.echo(json.dumps(result if verbose else {k: result[k] for k in (
             "attack", "victim", "clone_architecture", "queries_used", "clone_test_acc", "fidelity", "wall_seconds")}))

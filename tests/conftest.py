@@ -44,3 +44,20 @@ def cli_env(data_root, monkeypatch):
     monkeypatch.setenv("MTK_DATA", str(data_root))
     monkeypatch.setenv("MTK_PROGRESS", "0")
     return {"MTK_DATA": str(data_root)}
+
+
+@pytest.fixture(scope="session")
+def mnist_victim(data_root, tmp_path_factory):
+    """A small but real MNIST LeNet5 victim (~93 % test accuracy, ~30 s), shared by the attack tests."""
+    import os
+
+    from toolkit.training.target import train_target
+
+    os.environ["MTK_DATA"] = str(data_root)
+    folder = tmp_path_factory.mktemp("victim") / "lenet5"
+    card = train_target({"kind": "target", "name": "v", "dataset": {"name": "mnist", "val_size": 2000, "limit": 12000},
+                         "model": {"architecture": "lenet5"},
+                         "train": {"epochs": 2, "batch_size": 128, "optimizer": {"name": "adam", "lr": 0.001}}},
+                        out=folder, data_root=data_root)
+    assert card["metrics"]["test_acc"] > 0.9
+    return folder

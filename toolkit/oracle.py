@@ -20,7 +20,7 @@ class Oracle:
     kept in a closure, not an attribute, so attack code cannot reach weights, logits or gradients by accident.
     """
 
-    def __init__(self, victim, budget, output="soft", top_k=None, round=None):
+    def __init__(self, victim, budget, output="soft", top_k=None, round=None, ledger=None):
         if output not in ("soft", "hard"):
             raise UserError(f"oracle output must be 'soft' or 'hard', got {output!r}")
         if budget is None or budget < 1:
@@ -29,6 +29,7 @@ class Oracle:
         self.input_shape = tuple(int(d) for d in victim.input_shape)
         self.num_classes = int(victim.num_classes)
         self.queries_used = 0
+        self.ledger = ledger  # optional file with the running count, so queries spent before a crash stay spent
 
         def answer(x):
             return victim.predict_proba(x)
@@ -50,6 +51,10 @@ class Oracle:
         with torch.no_grad():
             proba = self._answer(x.detach().clone()).detach().float()
         self.queries_used += n
+        if self.ledger is not None:
+            from toolkit.training.checkpoint import atomic_write_json
+
+            atomic_write_json(self.ledger, {"queries_used": self.queries_used, "budget": self.budget}, durable=False)
         return self._postprocess(proba).to(x.device)
 
     def _check(self, x):
@@ -95,7 +100,15 @@ class Oracle:
         return {"queries_used": self.queries_used, "budget": self.budget}
 
     def restore(self, state):
+        """Resumes the count from a checkpoint, or from the ledger when queries were spent after it."""
+        import json
+        import pathlib
+
         self.queries_used = int(state["queries_used"])
+        if self.ledger is not None and pathlib.Path(self.ledger).exists():
+            spent = int(json.loads(pathlib.Path(self.ledger).read_text())["queries_used"])
+            self.queries_used = max(self.queries_used, spent)
+        return self.queries_used - int(state["queries_used"])
 
 
 def recover_logits(proba, eps=1e-12):

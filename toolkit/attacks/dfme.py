@@ -41,11 +41,12 @@ def victim_targets(answers, released_prob_as_logit=False):
 
 
 class DFMEAttack:
-    def __init__(self, oracle, clone, generator, cfg, image_shape, evaluate=None, check=None):
+    """Cake-lab's DFME loop through an ``Oracle``; the clone and generator are Keras models trained in place."""
+
+    def __init__(self, oracle, clone, generator, cfg, image_shape):
         self.oracle, self.clone, self.generator, self.cfg = oracle, clone, generator, cfg
         self.image_shape = tuple(image_shape)
-        self.evaluate, self.check = evaluate, check
-        self.curve = []
+        self.check = []
         b, m, d = cfg["batch_size"], cfg["grad_m"], cfg["d_iter"]
         self.cost = b * (cfg["g_iter"] * (m + 1) + d)
         self.iterations = oracle.budget // self.cost
@@ -102,16 +103,40 @@ class DFMEAttack:
         with torch.no_grad():
             x = self._images(forward(self.generator, self._z(), True))
             targets = victim_targets(self.oracle.query(x), self.cfg["released_prob_as_logit"])
-        loss = F.l1_loss(forward(self.clone, x, True), targets)
+        out = forward(self.clone, x, True)
+        # Attacker-side check, free: agreement with the victim on queries the clone has not trained on yet.
+        self.check.append(float((out.detach().argmax(1) == targets.argmax(1)).float().mean()))
+        loss = F.l1_loss(out, targets)
         zero_grad(s_vars)
         loss.backward()
         apply_gradients(self.opt_s, s_vars)
         return float(loss.detach())
 
-    def run(self, start_iteration=0, on_iteration=None):
-        """Runs iterations until the budget cannot pay for another one; returns the curve."""
+    def _models(self):
+        return {"clone": self.clone, "generator": self.generator}, {"clone": self.opt_s, "generator": self.opt_g}
+
+    def run(self, state=None, checkpoint_every=None, progress_every=None, evaluate=None):
+        """Iterates until the budget cannot pay for another iteration; returns the accuracy-vs-queries curve.
+
+        ``state`` (an ``AttackState``) resumes a killed run and is saved every ``checkpoint_every`` queries;
+        ``evaluate(clone)`` (reporting only) adds test metrics to the curve every ``progress_every`` queries.
+        """
+        import collections
+
+        models, optimizers = self._models()
+        it, curve = 0, []
+        if state is not None and (saved := state.restore(self.oracle, models, optimizers)) is not None:
+            it, curve = saved[0]["iteration"], saved[0]["curve"]
+        self.check = collections.deque(maxlen=max(1, 1024 // self.cfg["batch_size"]) * self.cfg["d_iter"])
+        point_every = max(1, (progress_every or self.oracle.budget) // self.cost)
+        save_every = max(1, (checkpoint_every or self.oracle.budget) // self.cost)
+
+        def point():
+            check = sum(self.check) / len(self.check) if self.check else None
+            out = {"queries": self.oracle.queries_used, "iteration": it, "attacker_check_agreement": check}
+            return {**out, **(evaluate(self.clone) if evaluate else {})}
+
         bar = progress.bar(self.oracle.budget, "dfme queries", unit="q", initial=self.oracle.queries_used)
-        it = start_iteration
         try:
             while self.oracle.remaining >= self.cost:
                 for _ in range(self.cfg["g_iter"]):
@@ -120,11 +145,20 @@ class DFMEAttack:
                     s_loss = self.clone_step()
                 it += 1
                 bar.update(self.cost)
-                bar.set_postfix(loss_S=f"{s_loss:.3f}", loss_G=f"{g_loss:.3f}", refresh=False)
-                if on_iteration is not None:
-                    on_iteration(it)
+                bar.set_postfix(loss_S=f"{s_loss:.3f}", loss_G=f"{g_loss:.3f}",
+                                check=f"{sum(self.check) / len(self.check):.3f}", refresh=False)
+                if it % point_every == 0:
+                    curve.append(point())
+                    progress.log(f"[dfme] {self.oracle.queries_used}/{self.oracle.budget} queries: " + ", ".join(
+                        f"{k} {v:.4f}" for k, v in curve[-1].items() if isinstance(v, float)))
+                if state is not None and it % save_every == 0:
+                    state.save(self.oracle, models, optimizers, {"iteration": it, "curve": curve})
         except BudgetExhausted:
             pass
         finally:
             bar.close()
-        return it
+        if not curve or curve[-1]["queries"] != self.oracle.queries_used:
+            curve.append(point())
+        if state is not None:
+            state.save(self.oracle, models, optimizers, {"iteration": it, "curve": curve, "finished": True})
+        return curve

@@ -10,12 +10,12 @@ from toolkit.artifacts import load_deployable
 from toolkit.data import Split, load_dataset
 from toolkit.errors import UserError
 from toolkit.models import build_model
+from toolkit.attacks.state import AttackState
 from toolkit.oracle import Oracle
 from toolkit.schemas import load_spec, spec_hash
 from toolkit.training.checkpoint import atomic_write_json
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 
-IMPLEMENTED = ("knockoff", "dfme")
 
 
 def default_folder(spec):
@@ -33,66 +33,132 @@ def surrogate_pool(cfg, victim_card, data_root):
     return Split(np.concatenate([s.x for s in splits]), np.concatenate([s.y for s in splits]))
 
 
-def extract(spec, out=None, data_root=None):
-    """Runs the attack in ``spec`` (dict or path); writes the clone and ``result.json``; returns the result."""
+DRY_RUN_ITERATIONS = 2  # --dry-run: a couple of iterations / steps, enough to prove the path end to end
+
+
+def fingerprint(spec):
+    """What must match for a checkpoint to be resumed: the spec minus naming and reporting cadence."""
+    ignored = ("name", "description", "progress_every", "checkpoint_every")
+    return spec_hash({k: v for k, v in spec.items() if k not in ignored})
+
+
+def shrink_for_dry_run(spec, budget):
+    """A copy of ``spec`` that spends at most ``budget`` queries, with tiny stage lengths."""
+    spec = {**spec, "name": spec["name"] + "-dry-run", "budget": min(spec["budget"], budget)}
+    spec["dfms_hl"] = {**spec["dfms_hl"], "gan_epochs": min(1, spec["dfms_hl"]["gan_epochs"]),
+                       "init_epochs": min(1, spec["dfms_hl"]["init_epochs"]),
+                       "divgan_epochs": min(1, spec["dfms_hl"]["divgan_epochs"]),
+                       "divgan_clone_epochs": min(1, spec["dfms_hl"]["divgan_clone_epochs"]),
+                       "init_generated": min(64, spec["dfms_hl"]["init_generated"]),
+                       "divgan_samples": min(64, spec["dfms_hl"]["divgan_samples"]),
+                       "proxy_size": min(256, spec["dfms_hl"]["proxy_size"] or 256)}
+    spec["knockoff"] = {**spec["knockoff"], "rounds": 1, "epochs": 1}
+    return spec
+
+
+def extract(spec, out=None, data_root=None, force=False, dry_run=False):
+    """Runs (or resumes) the attack in ``spec`` (dict or path); writes the clone and ``result.json``; returns it."""
     import keras
 
     spec = load_spec(spec, kind="threat")
-    if spec["attack"] not in IMPLEMENTED:
-        raise UserError(f"attack '{spec['attack']}' is not implemented in this version (available: "
-                        f"{', '.join(IMPLEMENTED)})")
     if str(spec["victim"]).startswith(("http://", "https://")):
         raise UserError("http victims need the serving extra (mtk serve); not available in this version")
-    folder = pathlib.Path(out) if out else default_folder(spec)
     victim = load_deployable(spec["victim"])
     card = victim.card
+    if spec["attack"] == "dfme":
+        from toolkit.attacks.dfme import resolve
+
+        cfg = resolve(spec["dfme"], spec["preset"])
+        dry_budget = DRY_RUN_ITERATIONS * cfg["batch_size"] * (cfg["g_iter"] * (cfg["grad_m"] + 1) + cfg["d_iter"])
+    elif spec["attack"] == "dfms-hl":
+        dry_budget = 256 + 64 + 64 + DRY_RUN_ITERATIONS * spec["dfms_hl"]["alt_batch_size"]
+    else:
+        dry_budget = DRY_RUN_ITERATIONS * spec["knockoff"]["query_batch"]
+    if dry_run:
+        spec = shrink_for_dry_run(spec, dry_budget)
+    folder = pathlib.Path(out) if out else default_folder(spec)
     eval_data = load_dataset(spec["eval_dataset"] or artifacts.dataset_config(card), data_root)
     keras.utils.set_random_seed(spec["seed"])
     clone = build_model(spec["clone"]["architecture"], victim.input_shape, victim.num_classes,
                         eval_data.mean, eval_data.std, name="clone", **spec["clone"]["options"])
-    oracle = Oracle(victim, spec["budget"], **spec["oracle"])
-    predict_clone = model_predictor(clone)
-    test = eval_data.test
+    state = AttackState(folder, fingerprint(spec), discard_stale=force)
+    oracle = Oracle(victim, spec["budget"], ledger=state.ledger, **spec["oracle"])
+    test = eval_data.test if not dry_run else eval_data.test.take(slice(0, 512))
 
     def evaluate(model):  # reporting only: the defender's test set never steers the attack
         return {"clone_test_acc": accuracy(model_predictor(model), test)}
 
+    every = {"state": state, "checkpoint_every": spec["checkpoint_every"], "progress_every": spec["progress_every"],
+             "evaluate": evaluate}
     start = time.time()
     if spec["attack"] == "knockoff":
         from toolkit.attacks.knockoff import KnockoffAttack
 
         cfg = spec["knockoff"]
         pool = surrogate_pool(cfg["surrogate"], card, data_root)
-        run = KnockoffAttack(oracle, clone, pool, cfg, seed=spec["seed"], evaluate=evaluate).run()
+        curve = KnockoffAttack(oracle, clone, pool, cfg, seed=spec["seed"], evaluate=evaluate).run(state)["curve"]
     elif spec["attack"] == "dfme":
-        from toolkit.attacks.dfme import DFMEAttack, resolve
+        from toolkit.attacks.dfme import DFMEAttack
         from toolkit.models.generators import dfme_generator
 
-        cfg = resolve(spec["dfme"], spec["preset"])
         generator = dfme_generator(cfg["nz"], victim.input_shape, cfg["ngf"], cfg["fast_upsample"])
-        attack = DFMEAttack(oracle, clone, generator, cfg, victim.input_shape)
-        curve = []
-        every = max(1, spec["progress_every"] // attack.cost)
+        curve = DFMEAttack(oracle, clone, generator, cfg, victim.input_shape).run(**every)
+    else:
+        from toolkit.attacks.dfms_hl import DFMSHLAttack
+        from toolkit.models.generators import dcgan_discriminator, dcgan_generator
 
-        def on_iteration(it):
-            if it % every == 0:
-                curve.append({"queries": oracle.queries_used, **evaluate(clone)})
-
-        attack.run(on_iteration=on_iteration)
-        run = {"curve": curve + [{"queries": oracle.queries_used, **evaluate(clone)}]}
+        cfg = spec["dfms_hl"]
+        proxy = proxy_images(cfg, victim.input_shape, data_root, spec["seed"])
+        generator = dcgan_generator(cfg["nz"], victim.input_shape, cfg["ngf"])
+        discriminator = dcgan_discriminator(victim.input_shape, cfg["ndf"])
+        curve = DFMSHLAttack(oracle, clone, generator, discriminator, proxy, cfg, seed=spec["seed"]).run(**every)
+    elapsed = time.time() - start + _previous_seconds(folder)
+    predict_clone = model_predictor(clone)
     result = {
         "attack": spec["attack"], "preset": spec["preset"], "victim": str(spec["victim"]),
         "victim_kind": card.get("kind"), "victim_name": card.get("name"),
         "clone_architecture": spec["clone"]["architecture"], "oracle": spec["oracle"], "budget": spec["budget"],
-        "queries_used": oracle.queries_used, "seed": spec["seed"],
+        "queries_used": oracle.queries_used, "seed": spec["seed"], "dry_run": dry_run,
         "clone_test_acc": accuracy(predict_clone, test),
         "fidelity": agreement(predict_clone, victim.predict_proba, test.x),
         "victim_test_acc": accuracy(victim.predict_proba, test),
-        "curve": run["curve"], "wall_seconds": round(time.time() - start, 1),
+        "curve": curve, "wall_seconds": round(elapsed, 1),
         "spec": spec, "spec_hash": spec_hash(spec), "versions": artifacts.versions(), "created": artifacts.now(),
     }
     artifacts.save_model(folder, clone, "clone.keras")
     atomic_write_json(folder / "result.json", result)
+    _write_seconds(folder, elapsed)
     progress.log(f"[{spec['name']}] clone test acc {result['clone_test_acc']:.4f}, fidelity {result['fidelity']:.4f}, "
                  f"{oracle.queries_used} queries -> {folder}")
     return result
+
+
+def proxy_images(cfg, input_shape, data_root, seed):
+    """DFMS-HL's proxy images (uint8 NCHW) shaped like the victim's inputs; synthetic shapes unless a dataset is set."""
+    channels, size = input_shape[0], input_shape[1]
+    data_cfg = cfg["proxy"] or {"name": "shapes", "val_size": 0}
+    data_cfg = {"channels": channels, "image_size": size, **data_cfg}
+    data = load_dataset(data_cfg, data_root)
+    if data.input_shape != tuple(input_shape):
+        raise UserError(f"dfms_hl.proxy: dataset '{data.name}' gives images {data.input_shape}, the victim takes "
+                        f"{tuple(input_shape)} (set its channels / image_size)")
+    splits = [data.split(s) for s in cfg["proxy_splits"]]
+    x, y = np.concatenate([s.x for s in splits]), np.concatenate([s.y for s in splits])
+    if cfg["proxy_classes"] is not None:
+        x = x[np.isin(y, cfg["proxy_classes"])]
+    if cfg["proxy_size"] is not None and len(x) > cfg["proxy_size"]:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), cfg["proxy_size"], replace=False))]
+    if len(x) == 0:
+        raise UserError("dfms_hl.proxy: no proxy images left (check proxy_splits / proxy_classes)")
+    return x
+
+
+def _previous_seconds(folder):
+    path = pathlib.Path(folder) / "checkpoint" / "seconds.txt"
+    return float(path.read_text()) if path.exists() else 0.0
+
+
+def _write_seconds(folder, seconds):
+    path = pathlib.Path(folder) / "checkpoint" / "seconds.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{seconds:.1f}\n")

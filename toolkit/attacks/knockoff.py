@@ -42,22 +42,55 @@ class KnockoffAttack:
             raise BudgetExhausted(f"surrogate pool exhausted ({len(self.pool)} images)")
         return self.rng.choice(free, size=n, replace=False)
 
-    def run(self):
+    def _snapshot(self, round_index, trained):
+        meta = {"round": round_index, "trained": trained, "curve": self.curve,
+                "rng": self.rng.bit_generator.state}
+        if self.cfg["policy"] == "adaptive":
+            meta["bandit"] = {"preferences": self.preferences.tolist(), "mean_reward": self.mean_reward,
+                              "steps": self.steps, "by_class": {str(c): [int(i) for i in v]
+                                                                for c, v in self.by_class.items()},
+                              "recent": None if self.recent is None else self.recent.tolist()}
+        arrays = {}
+        if self.queried:
+            arrays = {"queried": np.concatenate(self.queried), "answers": np.concatenate(
+                [a.numpy() for a in self.answers])}
+        return meta, arrays
+
+    def _resume(self, meta, arrays):
+        import torch
+
+        self.curve = meta["curve"]
+        self.rng.bit_generator.state = meta["rng"]
+        if "queried" in arrays:
+            self.queried, self.answers = [arrays["queried"]], [torch.from_numpy(arrays["answers"])]
+        if self.cfg["policy"] == "adaptive":
+            b = meta["bandit"]
+            self.preferences, self.mean_reward, self.steps = np.array(b["preferences"]), b["mean_reward"], b["steps"]
+            self.by_class = {c: list(b["by_class"][str(c)]) for c in self.classes}
+            self.recent = None if b["recent"] is None else torch.tensor(b["recent"])
+        return meta["round"] + (1 if meta["trained"] else 0), meta["trained"]
+
+    def run(self, state=None):
+        """Spends the budget in rounds, training after each; resumes from ``state`` (an ``AttackState``)."""
         import torch
 
         cfg, oracle = self.cfg, self.oracle
-        total = min(oracle.remaining, len(self.pool))
+        total = min(oracle.budget, len(self.pool))
         per_round = int(np.ceil(total / cfg["rounds"]))
         epochs_per_round = max(1, cfg["epochs"] // cfg["rounds"])
         steps_guess = max(1, int(np.ceil(total / cfg["batch_size"])))
         opt = make_optimizer(cfg["optimizer"], cfg["schedule"], steps_guess, cfg["epochs"])
         variables = self.clone.trainable_variables
         opt.build(variables)
-        used = set()
+        models, optimizers = {"clone": self.clone}, {"clone": opt}
         if cfg["policy"] == "adaptive":
             self._bandit_setup()
-        bar = progress.bar(total, "knockoff queries", unit="q")
-        for r in range(cfg["rounds"]):
+        first_round = 0
+        if state is not None and (saved := state.restore(oracle, models, optimizers)) is not None:
+            first_round, _ = self._resume(*saved)
+        used = set(np.concatenate(self.queried).tolist()) if self.queried else set()
+        bar = progress.bar(total, "knockoff queries", unit="q", initial=len(used))
+        for r in range(first_round, cfg["rounds"]):
             target = min(total, (r + 1) * per_round)
             while len(used) < target:
                 n = min(cfg["query_batch"], target - len(used))
@@ -69,6 +102,8 @@ class KnockoffAttack:
                 self.queried.append(idx)
                 self.answers.append(answers.cpu())
                 bar.update(n)
+            if state is not None:
+                state.save(oracle, models, optimizers, *self._snapshot(r, trained=False))
             x_idx = np.concatenate(self.queried)
             y = torch.cat(self.answers)
             n_check = max(1, int(len(x_idx) * cfg["check_fraction"]))
@@ -80,6 +115,10 @@ class KnockoffAttack:
                 point.update(self.evaluate(self.clone))
             self.curve.append(point)
             bar.set_postfix(check=f"{check:.3f}")
+            progress.log(f"[knockoff] round {r + 1}/{cfg['rounds']}: {oracle.queries_used}/{oracle.budget} queries, "
+                         f"attacker check agreement {check:.4f}")
+            if state is not None:
+                state.save(oracle, models, optimizers, *self._snapshot(r, trained=True))
         bar.close()
         return {"queries_used": oracle.queries_used, "curve": self.curve}
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from toolkit.data import sources
 from toolkit.errors import UserError
+from toolkit.data.shapes import load_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +47,7 @@ register_dataset("cifar10", lambda root, dl, o: sources.load_cifar10(root, dl, o
 register_dataset("cifar100", lambda root, dl, o: sources.load_cifar100(root, dl, o.get("verify_checksums", True)),
                  100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
 register_dataset("npz", lambda root, dl, o: sources.load_npz(_npz_path(root, o)))
+register_dataset("shapes", lambda root, dl, o: load_shapes(o), 4)
 
 
 def _npz_path(root, options):
@@ -106,7 +108,7 @@ class Dataset:
         return h.hexdigest()[:16]
 
 
-DEFAULTS = {"val_size": 5000, "holdout_size": 0, "split_seed": 0, "image_size": None, "download": True,
+DEFAULTS = {"channels": None, "count": None, "val_size": 5000, "holdout_size": 0, "split_seed": 0, "image_size": None, "download": True,
             "verify_checksums": True, "normalization": "dataset", "limit": None}
 
 
@@ -131,6 +133,8 @@ def load_dataset(config, data_root=None):
         if y.min() < 0 or y.max() >= num_classes:
             raise UserError(f"dataset '{name}': {split} labels outside 0..{num_classes - 1}")
 
+    if config["channels"] and train_x.shape[1] != config["channels"]:
+        train_x, test_x = to_channels(train_x, config["channels"]), to_channels(test_x, config["channels"])
     size = config["image_size"] or info.image_size
     if size and (train_x.shape[2], train_x.shape[3]) != (size, size):
         train_x, test_x = resize(train_x, size), resize(test_x, size)
@@ -165,6 +169,17 @@ def _split_train(full, config):
 
 def _count(size, n):
     return int(round(size * n)) if isinstance(size, float) and size < 1 else int(size)
+
+
+def to_channels(x, channels):
+    """Grey to RGB by repetition, RGB to grey by the channel mean (so a proxy set can match any victim)."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1:
+        return np.repeat(x, channels, axis=1)
+    if channels == 1:
+        return np.round(x.astype(np.float32).mean(1, keepdims=True)).astype(x.dtype)
+    raise UserError(f"cannot convert {x.shape[1]}-channel images to {channels} channels")
 
 
 def resize(x, size):

@@ -155,18 +155,60 @@ def conv(filters, kernel_size, strides=1, padding=0, use_bias=False, init=None, 
 
 
 @keras.saving.register_keras_serializable(package="mtk")
-class UpsampleConv2D(keras.layers.Layer):
-    """Nearest-neighbour 2x upsampling followed by a 3x3 'same' convolution, computed without the upsampling.
+class TorchConv2DTranspose(keras.layers.Layer):
+    """torch's ConvTranspose2d (NCHW, symmetric ``padding`` that crops the output) as a Keras layer (DCGAN blocks).
 
-    On a nearest-upsampled image each output pixel of a given parity (row and column even/odd) sees a 2x2 window of
-    the low-resolution input with some of the 3x3 taps summed, so the layer runs one 2x2 convolution with 4x the
-    output channels on the small image and interleaves the four results: the same function and gradients as
-    ``UpSampling2D(2)`` + ``Conv2D(3, padding=1)`` with about 2.2x fewer multiply-adds. The kernel is stored in the
-    usual (3, 3, in, out) form.
+    Keras's Conv2DTranspose only offers 'same'/'valid'; DCGAN's (4, stride 2, padding 1) blocks need torch's form.
+    The kernel is stored as (kh, kw, out, in) like Keras's own transposed convolution.
     """
 
-    # For output parity a, low-res offsets (in a 1-padded input) and the 3x3 taps summed into each of them.
-    _TAPS = {0: ((0,), (1, 2)), 1: ((0, 1), (2,))}
+    def __init__(self, filters, kernel_size, strides=1, torch_padding=0, use_bias=True,
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.filters, self.kernel_size = int(filters), int(kernel_size)
+        self.strides, self.torch_padding, self.use_bias = int(strides), int(torch_padding), bool(use_bias)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        k = self.kernel_size
+        self.kernel = self.add_weight(shape=(k, k, self.filters, int(input_shape[1])),
+                                      initializer=self.kernel_initializer, name="kernel")
+        self.bias = self.add_weight(shape=(self.filters,), initializer=self.bias_initializer,
+                                    name="bias") if self.use_bias else None
+
+    def call(self, x):
+        import torch.nn.functional as F
+
+        return F.conv_transpose2d(x, self.kernel.value.permute(3, 2, 0, 1), None if self.bias is None else
+                                  self.bias.value, stride=self.strides, padding=self.torch_padding)
+
+    def compute_output_shape(self, input_shape):
+        def side(n):
+            return None if n is None else (n - 1) * self.strides - 2 * self.torch_padding + self.kernel_size
+
+        return (input_shape[0], self.filters, side(input_shape[2]), side(input_shape[3]))
+
+    def get_config(self):
+        return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
+                "strides": self.strides, "torch_padding": self.torch_padding, "use_bias": self.use_bias,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}
+
+
+@keras.saving.register_keras_serializable(package="mtk")
+class UpsampleConv2D(keras.layers.Layer):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 'same' convolution, computed as one transposed convolution.
+
+    On a nearest-upsampled image, output row 2i sees input rows i-1 (tap 0) and i (taps 1+2), and row 2i+1 sees rows
+    i (taps 0+1) and i+1 (tap 2); so the pair equals ``conv_transpose2d`` with stride 2, padding 1 and the 4x4 kernel
+    ``M k M^T`` (M sums the taps). Same function and gradients as ``UpSampling2D(2)`` + ``Conv2D(3, padding=1)``,
+    2.25x fewer multiply-adds and no upsampled intermediate (2-4x faster here, benchmarks/dfme_throughput). The kernel
+    is stored in the usual (3, 3, in, out) form.
+    """
+
+    # w[u] = sum_t _TAPS[u][t] * k[t] for the 4 taps of the transposed kernel (one axis).
+    _TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
 
     def __init__(self, filters, use_bias=True, kernel_initializer="glorot_uniform", bias_initializer="zeros",
                  **kwargs):
@@ -181,29 +223,19 @@ class UpsampleConv2D(keras.layers.Layer):
         self.bias = self.add_weight(shape=(self.filters,), initializer=self.bias_initializer,
                                     name="bias") if self.use_bias else None
 
-    def _phase_kernels(self):
+    def transposed_kernel(self):
+        """The (in, out, 4, 4) kernel of the equivalent stride-2 transposed convolution."""
         import torch
 
-        k = self.kernel.value.permute(3, 2, 0, 1)  # (out, in, 3, 3) as torch's conv2d wants
-        blocks = []
-        for a in (0, 1):
-            rows = [k[:, :, list(taps), :].sum(2) for taps in self._TAPS[a]]  # two (out, in, 3) row groups
-            for b in (0, 1):
-                blocks.append(torch.stack(
-                    [torch.stack([r[:, :, list(taps)].sum(2) for taps in self._TAPS[b]], -1) for r in rows], -2))
-        return torch.cat(blocks, 0)  # (4*out, in, 2, 2), parity-major
+        k = self.kernel.value
+        taps = torch.tensor(self._TAPS, dtype=k.dtype, device=k.device)
+        return torch.einsum("ut,tsio,vs->iouv", taps, k, taps)
 
     def call(self, x):
-        import torch
         import torch.nn.functional as F
 
-        n, _, h, w = x.shape
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), self._phase_kernels())  # (n, 4*out, h+1, w+1)
-        y = y.view(n, 2, 2, self.filters, h + 1, w + 1)
-        parts = [[y[:, a, b, :, a:a + h, b:b + w] for b in (0, 1)] for a in (0, 1)]
-        out = torch.stack([torch.stack(row, -1) for row in parts], -2)  # (n, out, h, w, a, b)
-        out = out.permute(0, 1, 2, 4, 3, 5).reshape(n, self.filters, 2 * h, 2 * w)
-        return out if self.bias is None else out + self.bias.value.view(1, -1, 1, 1)
+        bias = None if self.bias is None else self.bias.value
+        return F.conv_transpose2d(x, self.transposed_kernel(), bias, stride=2, padding=1)
 
     def compute_output_shape(self, input_shape):
         n, _, h, w = input_shape

@@ -8,26 +8,29 @@ import pathlib
 import numpy as np
 
 
-def atomic_write_bytes(path, data):
+def atomic_write_bytes(path, data, durable=True):
+    """Writes ``path`` whole or not at all (tmp file + rename); ``durable`` also survives a power cut (fsync)."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+def atomic_write_json(path, obj, durable=True):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), durable)
 
 
-def save_state(path, models=None, optimizers=None, meta=None):
-    """Writes every variable of ``models`` and ``optimizers`` (name -> object) plus ``meta`` (JSON) atomically."""
+def save_state(path, models=None, optimizers=None, meta=None, arrays=None):
+    """Writes every variable of ``models`` and ``optimizers`` (name -> object), ``meta`` (JSON) and extra numpy
+    ``arrays`` (name -> array, read back by ``load_arrays``) atomically."""
     import torch
 
-    arrays = {}
+    arrays = {f"array/{k}": np.asarray(v) for k, v in (arrays or {}).items()}
     for kind, objects in (("model", models or {}), ("opt", optimizers or {})):
         for name, obj in objects.items():
             for i, v in enumerate(obj.variables):
@@ -53,6 +56,18 @@ def load_state(path, models=None, optimizers=None):
                 for i, v in enumerate(variables):
                     v.assign(data[f"{kind}/{name}/{i}"])
         torch.set_rng_state(torch.from_numpy(data["__torch_rng__"].copy()))
+        return json.loads(bytes(data["__meta__"]).decode())
+
+
+def load_arrays(path):
+    """The extra arrays ``save_state`` stored (name -> numpy array)."""
+    with np.load(path) as data:
+        return {k[len("array/"):]: data[k] for k in data.files if k.startswith("array/")}
+
+
+def read_meta(path):
+    """The meta dict of a state file, without touching any model."""
+    with np.load(path) as data:
         return json.loads(bytes(data["__meta__"]).decode())
 
 
