@@ -77,3 +77,27 @@ def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, cli_env
     straight = train_target(str(spec), out=tmp_path / "straight")
     assert [h["val_acc"] for h in after["history"]] == [h["val_acc"] for h in straight["history"]]
     assert after["metrics"]["test_acc"] == straight["metrics"]["test_acc"]
+
+
+def test_loss_scaler_is_exact_and_skips_overflowing_steps():
+    import keras
+    import torch
+
+    from toolkit.training.optim import LossScaler, make_optimizer
+
+    def one_step(scaler, poison=False):
+        keras.utils.set_random_seed(0)
+        v = keras.Variable(np.ones(4, np.float32))
+        opt = make_optimizer({"name": "sgd", "lr": 0.1, "momentum": 0.9})
+        opt.build([v])
+        loss = (v.value * torch.arange(4.0)).sum()
+        scaler.backward(loss * (float("inf") if poison else 1.0))
+        applied = scaler.step(opt, [v])
+        return applied, v.numpy()
+
+    _, plain = one_step(LossScaler(enabled=False))
+    applied, scaled = one_step(LossScaler(enabled=True, init_scale=2.0 ** 16))
+    assert applied and np.array_equal(plain, scaled)  # power-of-two scaling: bit-identical update
+    scaler = LossScaler(enabled=True, init_scale=2.0 ** 16)
+    applied, poisoned = one_step(scaler, poison=True)
+    assert not applied and np.array_equal(poisoned, np.ones(4)) and scaler.scale == 2.0 ** 15

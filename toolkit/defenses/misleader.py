@@ -17,7 +17,7 @@ from toolkit.models import build_model, count_trainable_params
 from toolkit.models.fast import forward
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 from toolkit.training.loop import EpochLoop
-from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
+from toolkit.training.optim import LossScaler, make_optimizer, zero_grad
 
 keras = configure_keras()
 
@@ -30,8 +30,14 @@ class MisleaderMember(keras.Model):
     dict holds every loss term. The deployable part is ``self.defender``.
     """
 
-    def __init__(self, defender, attacker, teacher, config, augment=None, clean_augment=None, **kwargs):
+    def __init__(self, defender, attacker, teacher, config, augment=None, clean_augment=None, mixed_precision=False,
+                 **kwargs):
         super().__init__(**kwargs)
+        import torch
+
+        # float16 autocast + dynamic loss scaling, as the released code's AMP; only on CUDA (slower on this CPU).
+        self.amp = bool(mixed_precision) and torch.cuda.is_available()
+        self.d_scaler, self.a_scaler = LossScaler(self.amp), LossScaler(self.amp)
         self.defender, self.attacker, self.teacher = defender, attacker, teacher
         self.config = config
         self.augment = augment or AttackerAugmentation()
@@ -57,11 +63,12 @@ class MisleaderMember(keras.Model):
         import torch
 
         cfg = self.config
-        with torch.no_grad():
-            t_logits = forward(self.teacher, x, False)
-            a_logits = forward(self.attacker, x_attack, True)
-        d_logits = forward(self.defender, x, True)
-        d_attack_logits = forward(self.defender, x_attack, True)
+        with self._autocast():
+            with torch.no_grad():
+                t_logits = forward(self.teacher, x, False).float()
+                a_logits = forward(self.attacker, x_attack, True).float()
+            d_logits = forward(self.defender, x, True).float()
+            d_attack_logits = forward(self.defender, x_attack, True).float()
         distill, kd, ce = distillation_loss(d_logits, t_logits, y, cfg["temperature"], cfg["alpha"])
         adv = adversary_divergence(d_attack_logits, a_logits, cfg["adversary_loss"], cfg["adversary_clamp"])
         return {"loss": distill - cfg["lambda"] * adv, "kd": kd, "ce": ce, "adv": adv, "d_logits": d_logits}
@@ -72,25 +79,35 @@ class MisleaderMember(keras.Model):
 
         acfg = self.config["attacker"]
         a_vars = self.attacker.trainable_variables
-        with torch.no_grad():
-            d_attack = forward(self.defender, x_attack, True)
+        with torch.no_grad(), self._autocast():
+            d_attack = forward(self.defender, x_attack, True).float()
+
+        def attacker_out():
+            with self._autocast():
+                return forward(self.attacker, x_attack, True).float()
+
         zero_grad(a_vars)
         if acfg["mode"] == "accumulate" and (acfg["passes"] == "scale" or self._attacker_is_deterministic):
             # One pass with k x the loss: the same summed gradient as k identical passes, at 1/k of the cost.
-            loss = attacker_loss(d_attack, forward(self.attacker, x_attack, True))
-            (loss * acfg["steps"]).backward()
-            apply_gradients(self.a_optimizer, a_vars)
+            loss = attacker_loss(d_attack, attacker_out())
+            self.a_scaler.backward(loss * acfg["steps"])
+            self.a_scaler.step(self.a_optimizer, a_vars)
             return float(loss.detach())
         total = 0.0
         for _ in range(acfg["steps"]):
-            loss = attacker_loss(d_attack, forward(self.attacker, x_attack, True))
-            loss.backward()
+            loss = attacker_loss(d_attack, attacker_out())
+            self.a_scaler.backward(loss)
             total += float(loss.detach())
             if acfg["mode"] == "steps":
-                apply_gradients(self.a_optimizer, a_vars)
+                self.a_scaler.step(self.a_optimizer, a_vars)
         if acfg["mode"] == "accumulate":  # released: k backward passes summed, then one step
-            apply_gradients(self.a_optimizer, a_vars)
+            self.a_scaler.step(self.a_optimizer, a_vars)
         return total / acfg["steps"]
+
+    def _autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.amp)
 
     def train_step(self, data):
         (x, x_attack), y = data
@@ -101,8 +118,8 @@ class MisleaderMember(keras.Model):
         d_vars = self.defender.trainable_variables
         terms = self.losses_on(x, y, x_attack)
         zero_grad(d_vars)
-        terms["loss"].backward()
-        apply_gradients(self.d_optimizer, d_vars)
+        self.d_scaler.backward(terms["loss"])
+        self.d_scaler.step(self.d_optimizer, d_vars)
         acc = float((terms["d_logits"].argmax(1) == y).float().mean())
         return {"loss": float(terms["loss"].detach()), "kd": float(terms["kd"].detach()),
                 "ce": float(terms["ce"].detach()), "adv": float(terms["adv"].detach()), "atk": a_loss, "acc": acc}
@@ -146,7 +163,7 @@ def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict,
     d_opt = make_optimizer(member_cfg["optimizer"], member_cfg["schedule"], steps, epochs)
     a_opt = make_optimizer(acfg["optimizer"], acfg["schedule"], steps, epochs)
     trainer = MisleaderMember(defender, attacker, teacher, member_cfg, AttackerAugmentation(spec["augment"]),
-                              clean_augmentation(spec["clean_augment"]))
+                              clean_augmentation(spec["clean_augment"]), mixed_precision=spec["mixed_precision"])
     trainer.compile(d_optimizer=d_opt, a_optimizer=a_opt)
     loop = EpochLoop(folder, name, epochs, steps, {"defender": defender, "attacker": attacker},
                      {"d_opt": d_opt, "a_opt": a_opt}, fingerprint, "best_val", discard_stale=force)

@@ -75,3 +75,41 @@ def apply_gradients(optimizer, variables):
 def zero_grad(variables):
     for v in variables:
         v.value.grad = None
+
+
+class LossScaler:
+    """Dynamic loss scaling for float16 autocast on CUDA (torch's GradScaler rule, on Keras variables).
+
+    ``backward(loss)`` back-propagates ``loss * scale``; ``step(optimizer, variables)`` divides the gradients by the
+    scale and applies them if all are finite, else skips the step and halves the scale; after ``growth_interval``
+    finite steps the scale doubles. Scales are powers of two, so with ``enabled=False`` (CPU) or no overflow the
+    update is exactly the unscaled one.
+    """
+
+    def __init__(self, enabled=True, init_scale=2.0 ** 16, growth_interval=2000):
+        self.enabled, self.scale, self.growth_interval = bool(enabled), float(init_scale), int(growth_interval)
+        self.good_steps, self.skipped = 0, 0
+
+    def backward(self, loss):
+        (loss * self.scale if self.enabled else loss).backward()
+
+    def step(self, optimizer, variables):
+        """Applies the step unless a gradient overflowed; returns whether it was applied."""
+        import torch
+
+        if not self.enabled:
+            apply_gradients(optimizer, variables)
+            return True
+        grads = [v.value.grad for v in variables if v.value.grad is not None]
+        finite = all(bool(torch.isfinite(g).all()) for g in grads)
+        if not finite:
+            zero_grad(variables)
+            self.scale, self.good_steps, self.skipped = self.scale / 2, 0, self.skipped + 1
+            return False
+        for g in grads:
+            g.div_(self.scale)
+        apply_gradients(optimizer, variables)
+        self.good_steps += 1
+        if self.good_steps % self.growth_interval == 0:
+            self.scale *= 2
+        return True
