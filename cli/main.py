@@ -218,6 +218,22 @@ def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, n
                    f"{result['queries_used']} queries, {result['wall_seconds']:.0f}s")
 
 
+@main.command("extraction")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
+@click.option("--out", default="results/extraction", show_default=True, help="Output path stem (.json, .md, .png).")
+@_common
+def extraction_cmd(runs, out, verbose, as_json):
+    """Clone-accuracy table and accuracy-vs-queries plot from attack run folders (mtk extract outputs)."""
+    from toolkit.experiments.report import write_extraction
+
+    command = "mtk extraction " + " ".join(runs) + (f" --out {out}" if out != "results/extraction" else "")
+    rows = write_extraction(runs, out, command)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in rows]))
+    else:
+        click.echo(pathlib.Path(out).with_suffix(".md").read_text())
+
+
 @main.command("utility")
 @click.argument("defenses", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--out", default="results/utility", show_default=True, help="Output path stem (.json and .md).")

@@ -10,7 +10,7 @@ from toolkit.defenses.ensemble import EnsembleDeployable
 from toolkit.defenses.misleader import member_names, train_member
 from toolkit.errors import UserError
 from toolkit.models import get_architecture
-from toolkit.schemas import load_spec, spec_hash
+from toolkit.schemas import load_spec, same_spec, spec_hash
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 from toolkit.training.target import DRY_RUN_STEPS, shrink_for_dry_run, train_target
 
@@ -50,7 +50,7 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False):
     digest = spec_hash({"spec": spec, "dry_run": dry_run})
     if (folder / artifacts.CARD).exists() and not force:
         card = read_card(folder)
-        if card.get("spec_hash") == digest:
+        if same_spec(card, spec, "defense", wrap=lambda s: {"spec": s, "dry_run": dry_run}):
             progress.log(f"[{spec['name']}] already built: {folder}")
             return card
         raise UserError(f"{folder}: holds a defense built from a different spec; use --force or --out")

@@ -158,7 +158,7 @@ def train_member(folder, name, member_cfg, spec, data, teacher, teacher_predict,
     bs = member_cfg["batch_size"]
     clean = BatchStream(data.train, bs, shuffle=True, seed=spec["seed"], drop_last=True, device=dev)
     attack_stream = BatchStream(data.train, bs, shuffle=True, seed=spec["seed"] + 7919, drop_last=True, device=dev)
-    steps = min(len(clean), steps_cap or len(clean))
+    steps = min(len(clean), steps_cap or len(clean), member_cfg.get("steps_per_epoch") or len(clean))
     epochs = epochs or member_cfg["epochs"]
     d_opt = make_optimizer(member_cfg["optimizer"], member_cfg["schedule"], steps, epochs)
     a_opt = make_optimizer(acfg["optimizer"], acfg["schedule"], steps, epochs)

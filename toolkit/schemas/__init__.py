@@ -145,6 +145,22 @@ def deep_merge(base, override):
     return out
 
 
+def same_spec(card, spec, kind, wrap=None):
+    """Whether an artifact's card was built from ``spec``: by hash, or because the spec it stores, re-filled with
+    today's defaults, is ``spec`` (a schema that gained optional fields must not orphan finished runs)."""
+    wrap = wrap or (lambda s: s)
+    digest = spec_hash(wrap(spec))
+    if card.get("spec_hash") == digest:
+        return True
+    stored = card.get("spec")
+    if not isinstance(stored, dict):
+        return False
+    try:
+        return spec_hash(wrap(load_spec(stored, kind=kind))) == digest
+    except SpecError:
+        return False
+
+
 def spec_hash(spec):
     """sha256 of the canonical JSON of a (defaulted) spec: cards record it to tell runs apart."""
     return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -9,7 +9,7 @@ from toolkit.data import BatchStream, load_dataset
 from toolkit.data.augment import clean_augmentation
 from toolkit.models import build_model, count_trainable_params
 from toolkit.models.fast import forward
-from toolkit.schemas import load_spec, spec_hash
+from toolkit.schemas import load_spec, same_spec, spec_hash
 from toolkit.training.evaluate import accuracy, model_predictor
 from toolkit.training.loop import EpochLoop
 from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
@@ -44,7 +44,7 @@ def train_target(spec, out=None, data_root=None, force=False, dry_run=False):
     card_path = folder / artifacts.CARD
     if card_path.exists() and not force:
         card = artifacts.read_card(folder)
-        if card.get("spec_hash") == digest:
+        if same_spec(card, spec, "target"):
             progress.log(f"[{spec['name']}] already trained: {folder} (test acc {card['metrics']['test_acc']:.4f})")
             return {**card, "folder": str(folder)}
         raise artifacts.UserError(f"{folder}: holds a target trained from a different spec; use --force or --out")
