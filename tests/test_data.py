@@ -171,3 +171,24 @@ def test_augmentation_is_per_sample():
     was_flipped = torch.tensor([torch.equal(flipped[i], x[i].flip(2)) for i in range(64)])
     assert 10 < int(was_flipped.sum()) < 54
     assert torch.equal(RandomCropPad(4)(x, training=False), x)
+
+
+def test_shapes_proxy_dataset_is_deterministic_and_varied():
+    from toolkit.data import load_dataset
+
+    a = load_dataset({"name": "shapes", "count": 300, "val_size": 0})
+    b = load_dataset({"name": "shapes", "count": 300, "val_size": 0})
+    assert a.input_shape == (3, 32, 32) and len(a.train) == 300 and len(a.test) == 30
+    assert np.array_equal(a.train.x, b.train.x)
+    flat = a.train.x.reshape(300, -1).astype(np.float32)
+    assert len(np.unique(a.train.y)) == 4 and flat.std(0).mean() > 40  # images differ from one another
+    grey = load_dataset({"name": "shapes", "count": 50, "val_size": 0, "channels": 1})
+    assert grey.input_shape == (1, 32, 32) and len(grey.mean) == 1
+
+
+def test_channel_conversion_for_proxy_sets(data_root):
+    from toolkit.data import load_dataset
+
+    rgb = load_dataset({"name": "mnist", "channels": 3, "limit": 100, "val_size": 10}, data_root)
+    assert rgb.input_shape == (3, 32, 32)
+    assert np.array_equal(rgb.train.x[:, 0], rgb.train.x[:, 2])

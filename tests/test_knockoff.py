@@ -37,3 +37,8 @@ def test_missing_victim_is_a_clear_error(tmp_path, cli_env):
     result = CliRunner().invoke(main, ["extract", "--attack", "knockoff", "--victim", str(tmp_path / "none")])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"{tmp_path / 'none'}: not an mtk artifact (no card.json)"
+
+
+def test_dfme_against_a_hard_label_api_is_a_clear_error(tmp_path, cli_env):
+    result = CliRunner().invoke(main, ["extract", "--attack", "dfme", "--victim", str(tmp_path), "--output", "hard"])
+    assert result.exit_code == 2 and "$.oracle.output" in result.stderr

@@ -138,3 +138,24 @@ def test_upsample_conv_equals_upsampling_then_conv(cin, cout, size):
     g_ref = torch.autograd.grad((ref * ref).sum(), [x, kernel])
     for a, b in zip(g_out, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+def test_torch_conv_transpose_layer_matches_torch():
+    import torch.nn as nn
+
+    from toolkit.models.fast import forward
+    from toolkit.models.generators import dcgan_discriminator, dcgan_generator
+    from toolkit.models.layers import TorchConv2DTranspose
+
+    layer = TorchConv2DTranspose(5, 4, strides=2, torch_padding=1, bias_initializer="random_normal")
+    x = torch.randn(2, 3, 8, 8)
+    out = layer(x)
+    ref = nn.ConvTranspose2d(3, 5, 4, stride=2, padding=1)
+    with torch.no_grad():
+        ref.weight.copy_(layer.kernel.value.permute(3, 2, 0, 1))
+        ref.bias.copy_(layer.bias.value)
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    assert tuple(layer.compute_output_shape((None, 3, 8, 8))) == (None, 5, 16, 16)
+    g, d = dcgan_generator(16, (1, 32, 32), 8), dcgan_discriminator((1, 32, 32), 8)
+    images = torch.tanh(forward(g, torch.randn(3, 16), True))
+    assert images.shape == (3, 1, 32, 32) and forward(d, images, True).shape == (3, 1)

@@ -63,6 +63,9 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False):
     spec = load_spec(spec, kind="threat")
     if str(spec["victim"]).startswith(("http://", "https://")):
         raise UserError("http victims need the serving extra (mtk serve); not available in this version")
+    if spec["attack"] == "dfme" and spec["oracle"]["output"] != "soft":
+        raise UserError("$.oracle.output: dfme learns from probabilities and needs a 'soft' API; dfms-hl is the "
+                        "hard-label attack")
     victim = load_deployable(spec["victim"])
     card = victim.card
     if spec["attack"] == "dfme":

@@ -133,7 +133,8 @@ def load_dataset(config, data_root=None):
         if y.min() < 0 or y.max() >= num_classes:
             raise UserError(f"dataset '{name}': {split} labels outside 0..{num_classes - 1}")
 
-    if config["channels"] and train_x.shape[1] != config["channels"]:
+    converted = bool(config["channels"]) and train_x.shape[1] != config["channels"]
+    if converted:
         train_x, test_x = to_channels(train_x, config["channels"]), to_channels(test_x, config["channels"])
     size = config["image_size"] or info.image_size
     if size and (train_x.shape[2], train_x.shape[3]) != (size, size):
@@ -144,7 +145,7 @@ def load_dataset(config, data_root=None):
     train, val, holdout = _split_train(Split(train_x, train_y), config)
     test = Split(test_x, test_y)
 
-    if config["normalization"] == "dataset" and info.mean is not None:
+    if config["normalization"] == "dataset" and info.mean is not None and not converted:
         mean, std = info.mean, info.std
     elif config["normalization"] in ("dataset", "computed"):
         mean, std = channel_stats(train.x)
