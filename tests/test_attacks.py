@@ -60,11 +60,11 @@ def dfme_parts(victim, budget, ledger=None):
 
 def test_tiny_dfme_beats_chance(tmp_path, cli_env, mnist_victim):
     spec = {"kind": "threat", "name": "d", "attack": "dfme", "victim": str(mnist_victim), "budget": 20000,
-            "clone": {"architecture": "lenet5_half"}, "progress_every": 5000,
-            "dfme": {"batch_size": 64, "ngf": 16, "nz": 32, "lr_G": 1e-3}}
+            "clone": {"architecture": "lenet5"}, "progress_every": 5000,
+            "dfme": {"batch_size": 64, "ngf": 16, "nz": 32, "lr_G": 1e-3, "lr_S": 0.01}}
     result = extract(spec, out=tmp_path / "run")
     assert result["queries_used"] <= 20000
-    assert result["clone_test_acc"] > 0.2, result["curve"]  # chance is 0.1
+    assert result["clone_test_acc"] > 0.3, result["curve"]  # chance is 0.1; measured 0.55 (lr_S 0.1 stalls here)
     assert [p["queries"] for p in result["curve"]] == sorted(p["queries"] for p in result["curve"])
     assert all(0 <= p["attacker_check_agreement"] <= 1 for p in result["curve"])
 
