@@ -234,6 +234,57 @@ def extraction_cmd(runs, out, verbose, as_json):
         click.echo(pathlib.Path(out).with_suffix(".md").read_text())
 
 
+@main.command("run")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="Where cells run (overrides the spec).")
+@click.option("--address", default=None, help="Ray cluster address ('auto' for a running cluster).")
+@click.option("--workers", type=int, default=None, help="Local parallel processes (overrides the spec).")
+@_data_root
+@_common
+def run_cmd(spec, executor, address, workers, data_root, verbose, as_json):
+    """Run an experiment grid: build missing defenses once, attack every cell without a record; resumable."""
+    from toolkit.experiments.runner import run_experiment, status
+    from toolkit.schemas import load_spec
+
+    run_experiment(spec, data_root=data_root, executor=executor, address=address, workers=workers)
+    state = status(load_spec(spec, kind="experiment"))
+    click.echo(json.dumps(state) if as_json else f"{state['done']}/{state['cells']} cells recorded")
+
+
+@main.command("status")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@_common
+def status_cmd(spec, verbose, as_json):
+    """Cells of an experiment: done, started (resumable), left, and an ETA."""
+    from toolkit.experiments.runner import status
+    from toolkit.schemas import load_spec
+
+    state = status(load_spec(spec, kind="experiment"))
+    if as_json:
+        click.echo(json.dumps(state))
+        return
+    eta = "" if state["eta_seconds"] is None else f", ETA {state['eta_seconds'] / 60:.0f} min"
+    click.echo(f"{state['done']} done, {state['started']} started, {state['left']} left of {state['cells']}{eta}")
+
+
+@main.command("report")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, help="Output path stem (default results/NAME/report).")
+@_common
+def report_cmd(spec, out, verbose, as_json):
+    """Paper-style tables (md, csv, json) and curves from an experiment's results store."""
+    from toolkit.experiments.report import write_experiment_report
+    from toolkit.experiments.runner import results_root
+    from toolkit.experiments.store import ResultsStore
+    from toolkit.schemas import load_spec
+
+    loaded = load_spec(spec, kind="experiment")
+    store = ResultsStore(results_root(loaded))
+    out = out or str(results_root(loaded) / "report")
+    rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"])
+    click.echo(json.dumps(rows) if as_json else pathlib.Path(out).with_suffix(".md").read_text())
+
+
 @main.command("utility")
 @click.argument("defenses", nargs=-1, required=True, type=click.Path(file_okay=False, exists=True))
 @click.option("--out", default="results/utility", show_default=True, help="Output path stem (.json and .md).")

@@ -146,3 +146,78 @@ def _plot_curves(rows, path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _mean_std(values):
+    import statistics
+
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def experiment_rows(records):
+    """Clone accuracy and fidelity, mean and std over seeds, per dataset x attack (preset) x budget x defense x clone."""
+    groups = {}
+    for rec in records:
+        cell, res = rec["cell"], rec["result"]
+        dataset = read_card(rec["threat_spec"]["victim"])["dataset"]["name"]
+        key = (dataset, cell["attack"], cell["preset"], cell["budget"], res["victim_name"], res["victim_kind"],
+               cell["clone"], rec["threat_spec"]["oracle"]["output"])
+        groups.setdefault(key, []).append(res)
+    rows = []
+    for (dataset, attack, preset, budget, victim, kind, clone, output), results in sorted(groups.items()):
+        acc_m, acc_s = _mean_std([100 * r["clone_test_acc"] for r in results])
+        fid_m, fid_s = _mean_std([100 * r["fidelity"] for r in results])
+        rows.append({"dataset": dataset, "attack": attack, "preset": preset, "budget": budget, "victim": victim,
+                     "victim_kind": kind, "clone": clone, "output": output, "seeds": len(results),
+                     "clone_acc_mean": acc_m, "clone_acc_std": acc_s, "fidelity_mean": fid_m, "fidelity_std": fid_s,
+                     "victim_acc": 100 * results[0]["victim_test_acc"],
+                     "queries_used": max(r["queries_used"] for r in results),
+                     "paper_clone_acc": paper_clone_acc(attack, dataset, kind, clone),
+                     "wall_minutes": sum(r["wall_seconds"] for r in results) / 60})
+    return rows
+
+
+def write_experiment_report(store, out, command, title):
+    """<out>.md, .csv, .json (tables in the paper's layout) and <out>-curves.png from a ResultsStore."""
+    import csv
+    import io
+
+    records = store.all()
+    rows = experiment_rows(records)
+    out = pathlib.Path(out)
+    atomic_write_bytes(out.with_suffix(".json"), (json.dumps({"title": title, "command": command, "rows": rows},
+                                                             indent=2) + "\n").encode())
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_bytes(out.with_suffix(".csv"), buffer.getvalue().encode())
+    lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records in `{store.root}`.",
+             "Clone test accuracy and fidelity in %, mean ± std over seeds; the paper's figure beside ours where it "
+             "has one.", ""]
+    for (dataset, attack, preset, budget), group in _by_table(rows):
+        lines += [f"## {dataset}: {attack} ({preset} preset), budget {budget:,} queries", "",
+                  "| victim | clone | API | seeds | clone acc | fidelity | victim acc | paper clone acc |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in group:
+            paper = f"{r['paper_clone_acc']:.2f}" if r["paper_clone_acc"] is not None else ""
+            lines.append(f"| {r['victim']} ({r['victim_kind']}) | {r['clone']} | {r['output']} | {r['seeds']} | "
+                         f"{r['clone_acc_mean']:.2f} ± {r['clone_acc_std']:.2f} | {r['fidelity_mean']:.2f} ± "
+                         f"{r['fidelity_std']:.2f} | {r['victim_acc']:.2f} | {paper} |")
+        lines.append("")
+    curves = [{"attack": rec["cell"]["attack"], "victim": rec["result"]["victim_name"],
+               "clone": rec["cell"]["clone"] + f" s{rec['cell']['seed']}", "curve": rec["result"]["curve"]}
+              for rec in records]
+    if _plot_curves(curves, out.with_name(out.name + "-curves.png")):
+        lines.append(f"Accuracy-vs-queries curves: `{out.name}-curves.png`.")
+    atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
+    return rows
+
+
+def _by_table(rows):
+    tables = {}
+    for r in rows:
+        tables.setdefault((r["dataset"], r["attack"], r["preset"], r["budget"]), []).append(r)
+    return sorted(tables.items())

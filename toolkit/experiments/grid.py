@@ -1,0 +1,64 @@
+"""An experiment spec expanded into cells: one attack run each (defense x threat x clone x budget x seed).
+
+A cell is a complete threat spec (the threat file with its victim, clone, budget and seed replaced and the matching
+overrides applied) plus the coordinates that name it. Its id is a hash of that threat spec and the victim, so a
+cell keeps its id (and its finished record) across re-runs and edits that do not change it.
+"""
+
+import copy
+import itertools
+import pathlib
+
+from toolkit.errors import UserError
+from toolkit.schemas import load_spec, read_json, spec_hash
+
+
+def _set_dotted(spec, dotted, value, source):
+    node = spec
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        if not isinstance(node.get(key, {}), dict):
+            raise UserError(f"{source}: $.overrides: '{dotted}' goes through a non-object field '{key}'")
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+
+
+def victim_name(defense):
+    """The folder a defense entry deploys to: the entry itself, or where its spec builds (runs/defenses/NAME)."""
+    path = pathlib.Path(defense)
+    if path.suffix == ".json":
+        return str(pathlib.Path("runs") / "defenses" / read_json(path).get("name", path.stem))
+    return str(path)
+
+
+def expand(spec, source="<experiment>"):
+    """The cells of an experiment spec (defaults filled), in a stable order."""
+    cells = []
+    threats = {}
+    for path in spec["threats"]:
+        if not pathlib.Path(path).exists():
+            raise UserError(f"{source}: $.threats: {path}: file not found")
+        threats[path] = read_json(path)
+    for defense, threat_path, seed in itertools.product(spec["defenses"], spec["threats"], spec["seeds"]):
+        base = threats[threat_path]
+        clones = spec["clones"] or [base.get("clone", {}).get("architecture", "lenet5")]
+        budgets = spec["budgets"] or [base.get("budget", 2_000_000)]
+        for clone, budget in itertools.product(clones, budgets):
+            threat = copy.deepcopy(base)
+            threat.update(victim=victim_name(defense), budget=budget, seed=seed)
+            threat["clone"] = {**threat.get("clone", {}), "architecture": clone}
+            coords = {"defense": defense, "threat": threat_path, "attack": threat["attack"], "clone": clone,
+                      "budget": budget, "seed": seed, "preset": threat.get("preset", "canonical")}
+            for i, override in enumerate(spec["overrides"]):
+                if all(coords.get(k) == v for k, v in override["match"].items()):
+                    for dotted, value in override["set"].items():
+                        _set_dotted(threat, dotted, value, f"{source}: $.overrides[{i}]")
+            cell_id = spec_hash({"threat": {k: v for k, v in threat.items() if k not in ("name", "description")}})[:12]
+            threat["name"] = f"{spec['name']}-{cell_id}"
+            threat = load_spec(threat, kind="threat", source=f"{source}: cell {cell_id} ({threat_path})")
+            cells.append({"id": cell_id, **coords, "preset": threat["preset"], "threat_spec": threat})
+    ids = [c["id"] for c in cells]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{source}: two cells expand to the same run (duplicate defenses, threats, clones, budgets "
+                        "or seeds)")
+    return cells

@@ -1,0 +1,125 @@
+"""``mtk run``: build what an experiment's cells need (defenses, once), then attack every cell not yet recorded.
+
+Executors: ``local`` (this process, or a small process pool) and ``ray`` (one Ray task per cell with the CPU/GPU
+share the spec asks for). Every executor runs the same ``run_cell`` and the driver alone writes records, so the store
+looks the same whichever ran the cells. An interrupted cell resumes from its run folder's attack checkpoint.
+"""
+
+import pathlib
+import time
+
+from toolkit import progress
+from toolkit.errors import UserError
+from toolkit.experiments.grid import expand
+from toolkit.experiments.store import ResultsStore
+from toolkit.schemas import load_spec
+
+
+def run_folder(spec, cell):
+    return pathlib.Path("runs") / "experiments" / spec["name"] / cell["id"]
+
+
+def run_cell(threat_spec, folder, data_root=None):
+    """One attack run (resumable); returns its result dict. Importable by worker processes and Ray tasks."""
+    from toolkit.attacks.extract import extract
+
+    return extract(threat_spec, out=folder, data_root=data_root)
+
+
+def prepare_defenses(spec, data_root=None):
+    """Builds every defense given as a spec file (skipped when already built); checks artifact folders exist."""
+    from toolkit.defenses import defend
+
+    for entry in spec["defenses"]:
+        path = pathlib.Path(entry)
+        if path.suffix == ".json":
+            defend(entry, data_root=data_root)
+        elif not (path / "card.json").exists():
+            raise UserError(f"$.defenses: {entry}: not an artifact folder (no card.json) and not a defense spec")
+
+
+def status(spec, store=None):
+    """Cells done / started (checkpoint present) / left, and an ETA from the finished cells' wall times."""
+    store = store or ResultsStore(results_root(spec))
+    cells = expand(spec)
+    done = [c for c in cells if store.done(c["id"])]
+    started = [c for c in cells if not store.done(c["id"])
+               and (run_folder(spec, c) / "checkpoint" / "attack.npz").exists()]
+    left = len(cells) - len(done)
+    seconds = [store.get(c["id"])["result"]["wall_seconds"] for c in done]
+    eta = (sum(seconds) / len(seconds)) * left if seconds else None
+    return {"cells": len(cells), "done": len(done), "started": len(started), "left": left, "eta_seconds": eta}
+
+
+def results_root(spec):
+    return pathlib.Path("results") / spec["name"]
+
+
+def run_experiment(spec, data_root=None, executor=None, address=None, workers=None):
+    """Runs every cell of ``spec`` (dict or path) that has no record yet; returns the store."""
+    source = spec if isinstance(spec, str) else "<experiment>"
+    spec = load_spec(spec, kind="experiment")
+    cells = expand(spec, str(source))
+    store = ResultsStore(results_root(spec))
+    todo = [c for c in cells if not store.done(c["id"])]
+    progress.log(f"[{spec['name']}] {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
+    if not todo:
+        return store
+    prepare_defenses(spec, data_root)
+    ex = dict(spec["executor"])
+    ex["name"] = executor or ex["name"]
+    ex["workers"] = workers or ex["workers"]
+    start = time.time()
+    if ex["name"] == "ray":
+        _run_ray(spec, todo, store, ex, address, data_root)
+    elif ex["workers"] > 1:
+        _run_pool(spec, todo, store, ex["workers"], data_root)
+    else:
+        for i, cell in enumerate(todo):
+            progress.log(f"[{spec['name']}] cell {i + 1}/{len(todo)} {cell['id']}: {cell['attack']} on "
+                         f"{cell['defense']} clone {cell['clone']} budget {cell['budget']} seed {cell['seed']}")
+            result = run_cell(cell["threat_spec"], run_folder(spec, cell), data_root)
+            store.put(cell, result, run_folder(spec, cell))
+            _eta(spec, start, i + 1, len(todo))
+    return store
+
+
+def _eta(spec, start, finished, total):
+    per = (time.time() - start) / finished
+    progress.log(f"[{spec['name']}] {finished}/{total} cells this run; ETA {per * (total - finished) / 60:.0f} min")
+
+
+def _run_pool(spec, todo, store, workers, data_root):
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    start = time.time()
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(run_cell, c["threat_spec"], run_folder(spec, c), data_root): c for c in todo}
+        for i, future in enumerate(as_completed(futures)):
+            cell = futures[future]
+            store.put(cell, future.result(), run_folder(spec, cell))
+            _eta(spec, start, i + 1, len(todo))
+
+
+def _run_ray(spec, todo, store, ex, address, data_root):
+    try:
+        import ray
+    except ImportError:
+        raise UserError("the ray executor needs Ray: pip install -e '.[ray]'") from None
+    from toolkit.data.sources import resolve_data_root
+
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    task = ray.remote(num_cpus=ex["cpus_per_run"], num_gpus=ex["gpus_per_run"])(run_cell)
+    cwd, root = pathlib.Path.cwd(), str(resolve_data_root(data_root).absolute())
+
+    def absolute(threat):  # Ray workers need not share the driver's working directory
+        return {**threat, "victim": str(cwd / threat["victim"])}
+
+    pending = {task.remote(absolute(c["threat_spec"]), str(cwd / run_folder(spec, c)), root): c for c in todo}
+    start, finished = time.time(), 0
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        cell = pending.pop(ready[0])
+        store.put(cell, ray.get(ready[0]), run_folder(spec, cell))
+        finished += 1
+        _eta(spec, start, finished, len(todo))
