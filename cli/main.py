@@ -151,13 +151,19 @@ def train_target_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
               help="Rebuild even if the folder holds a defense (or checkpoints) from a different spec.")
 @click.option("--dry-run", is_flag=True,
               help="Prove the path: target and each member one epoch of two steps, into NAME-dry-run.")
+@click.option("--member", "members", multiple=True,
+              help="Train only this member (repeatable), e.g. one per process or machine; run without it to "
+                   "assemble the ensemble.")
 @_data_root
 @_common
-def defend_cmd(spec, out, force, dry_run, data_root, verbose, as_json):
+def defend_cmd(spec, out, force, dry_run, members, data_root, verbose, as_json):
     """Build the defense in SPEC (MISLEADER ensemble); resumes per member and per epoch after a kill."""
     from toolkit.defenses import defend
 
-    card = defend(spec, out=out, data_root=data_root, force=force, dry_run=dry_run)
+    card = defend(spec, out=out, data_root=data_root, force=force, dry_run=dry_run, only_members=members or None)
+    if card is None:
+        click.echo(f"trained member(s) {', '.join(members)}")
+        return
     if as_json:
         click.echo(json.dumps(card if verbose else {"name": card["name"], "metrics": card["metrics"],
                                                     "members": {k: v["metrics"] for k, v in

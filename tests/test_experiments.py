@@ -66,3 +66,26 @@ def test_bad_experiment_is_one_line(tmp_path, cli_env, monkeypatch):
     result = CliRunner().invoke(main, ["run", path])
     assert result.exit_code == 2 and "missing.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ray_executor_fills_the_same_store(tiny_experiment, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+
+    spec = json.loads((tmp_path / "exp.json").read_text())
+    tiny_experiment = write(tmp_path / "exp.json", {**spec, "budgets": [400], "seeds": [0]})  # one cell: one worker
+    real_init = ray.init
+
+    def small_local_cluster(**kwargs):  # a one-CPU local Ray instance: cheap enough for a 2-core CI machine
+        kwargs.pop("address", None)
+        return real_init(num_cpus=1, include_dashboard=False, **kwargs)
+
+    monkeypatch.setattr(ray, "init", small_local_cluster)
+    try:
+        result = CliRunner().invoke(main, ["run", tiny_experiment, "--executor", "ray", "--json"])
+        assert result.exit_code == 0, result.output
+    finally:
+        ray.shutdown()
+    records = [json.loads(p.read_text()) for p in (tmp_path / "results" / "tiny" / "records").glob("*.json")]
+    assert len(records) == 1
+    assert all(r["result"]["queries_used"] == r["cell"]["budget"] for r in records)
+    assert all((tmp_path / r["run_folder"] / "clone.keras").exists() for r in records)

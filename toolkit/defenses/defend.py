@@ -32,8 +32,12 @@ def resolve_target(target, data_root=None, dry_run=False):
     return path
 
 
-def defend(spec, out=None, data_root=None, force=False, dry_run=False):
-    """Builds the defense in ``spec`` (dict or path); returns its card. Resumes per member and per epoch."""
+def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_members=None):
+    """Builds the defense in ``spec`` (dict or path); returns its card. Resumes per member and per epoch.
+
+    ``only_members`` (names) trains just those members and returns None: members are independent, so several
+    processes or machines can train different members of one defense; a plain call then assembles the ensemble.
+    """
     source = spec if isinstance(spec, dict) else str(spec)
     spec = load_spec(spec, kind="defense")
     for i, member in enumerate(spec["members"]):
@@ -71,14 +75,21 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False):
         return _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict)
 
     names = member_names(spec["members"])
+    unknown = sorted(set(only_members or ()) - set(names))
+    if unknown:
+        raise UserError(f"{source}: no member named {', '.join(unknown)} (members: {', '.join(names)})")
     member_cards = []
     for name, member in zip(names, spec["members"]):
+        if only_members and name not in only_members:
+            continue
         fingerprint = spec_hash({"member": member, "augment": spec["augment"], "clean": spec["clean_augment"],
                                  "seed": spec["seed"], "target": target_card.get("spec_hash"),
                                  "data": data.fingerprint(), "dry_run": dry_run})
         member_cards.append(train_member(
             folder / "members" / name, name, member, spec, data, teacher, teacher_predict, fingerprint,
             steps_cap=DRY_RUN_STEPS if dry_run else None, epochs=1 if dry_run else None, force=force))
+    if only_members:
+        return None
 
     weights = spec["ensemble"]["weights"] or [1.0] * len(names)
     if len(weights) != len(names):
