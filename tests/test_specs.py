@@ -39,7 +39,7 @@ def test_shipped_specs_validate(path):
 
 def test_there_are_specs_of_each_shipped_kind():
     kinds = {json.loads(p.read_text())["kind"] for p in SPECS}
-    assert "target" in kinds
+    assert {"target", "defense", "threat", "experiment"} <= kinds
 
 
 def test_defaults_are_filled_and_partial_overrides_keep_field_defaults():
