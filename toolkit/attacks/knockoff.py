@@ -68,7 +68,7 @@ class KnockoffAttack:
             self.preferences, self.mean_reward, self.steps = np.array(b["preferences"]), b["mean_reward"], b["steps"]
             self.by_class = {c: list(b["by_class"][str(c)]) for c in self.classes}
             self.recent = None if b["recent"] is None else torch.tensor(b["recent"])
-        return meta["round"] + (1 if meta["trained"] else 0), meta["trained"]
+        return meta["round"] + (1 if meta["trained"] else 0)  # the round to run next
 
     def run(self, state=None):
         """Spends the budget in rounds, training after each; resumes from ``state`` (an ``AttackState``)."""
@@ -87,7 +87,7 @@ class KnockoffAttack:
             self._bandit_setup()
         first_round = 0
         if state is not None and (saved := state.restore(oracle, models, optimizers)) is not None:
-            first_round, _ = self._resume(*saved)
+            first_round = self._resume(*saved)
         used = set(np.concatenate(self.queried).tolist()) if self.queried else set()
         bar = progress.bar(total, "knockoff queries", unit="q", initial=len(used))
         for r in range(first_round, cfg["rounds"]):

@@ -8,8 +8,7 @@ killed attack loses at most one checkpoint interval and never re-spends (or forg
 import pathlib
 
 from toolkit import progress
-from toolkit.errors import UserError
-from toolkit.training.checkpoint import load_arrays, load_state, read_meta, save_state
+from toolkit.training.checkpoint import load_arrays, load_state, resumable, save_state
 
 
 class AttackState:
@@ -28,10 +27,7 @@ class AttackState:
                 progress.log(f"{lost} queries spent by an earlier run before its first checkpoint stay counted "
                              f"(delete {self.ledger} to pretend otherwise)")
             return None
-        if read_meta(self.path).get("fingerprint") != self.fingerprint:
-            if not self.discard_stale:
-                raise UserError(f"{self.path}: checkpoint of a different threat spec; use --force to discard it, or "
-                                "choose --out")
+        if not resumable(self.path, self.fingerprint, self.discard_stale, "threat spec"):
             progress.log(f"discarding {self.path} (different spec, --force)")
             self.clear()
             return None

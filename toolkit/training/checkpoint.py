@@ -71,6 +71,18 @@ def read_meta(path):
         return json.loads(bytes(data["__meta__"]).decode())
 
 
+def resumable(path, fingerprint, discard_stale, what="spec"):
+    """Whether the state file at ``path`` belongs to this run (same fingerprint). A foreign one is an error, or
+    with ``discard_stale`` (--force) False so the caller starts afresh."""
+    from toolkit.errors import UserError
+
+    if read_meta(path).get("fingerprint") == fingerprint:
+        return True
+    if not discard_stale:
+        raise UserError(f"{path}: checkpoint of a different {what}; use --force to discard it, or choose --out")
+    return False
+
+
 def load_weights_only(path, name, model):
     with np.load(path) as data:
         for i, v in enumerate(model.variables):

@@ -1,13 +1,9 @@
 """The one training-loop helper: epochs with a checkpoint after each, resume, progress/ETA, best-on-validation."""
 
-import json
 import time
 
-import numpy as np
-
 from toolkit import progress
-from toolkit.errors import UserError
-from toolkit.training.checkpoint import load_state, load_weights_only, save_state
+from toolkit.training.checkpoint import load_state, load_weights_only, resumable, save_state
 
 
 class EpochLoop:
@@ -29,12 +25,7 @@ class EpochLoop:
         fresh = {"next_epoch": 0, "history": [], "best": None, "fingerprint": self.fingerprint, "elapsed": 0.0}
         if not self.state_path.exists():
             return fresh
-        with np.load(self.state_path) as data:
-            stored = json.loads(bytes(data["__meta__"]).decode()).get("fingerprint")
-        if stored != self.fingerprint:
-            if not self.discard_stale:
-                raise UserError(f"{self.state_path}: checkpoint of a different spec; use --force to discard it, "
-                                "or choose --out")
+        if not resumable(self.state_path, self.fingerprint, self.discard_stale):
             progress.log(f"[{self.name}] discarding a checkpoint of a different spec (--force)")
             self.clear()
             return fresh
