@@ -20,7 +20,8 @@ def pytest_configure(config):
 
 os.environ.setdefault("MTK_PROGRESS", "0")
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DATA_ROOT = pathlib.Path(os.environ.get("MTK_DATA") or REPO.parent / "shared" / "data")
+DATA_ROOT = pathlib.Path(os.environ.get("MTK_DATA") or REPO.parent / "shared" / "data").resolve()
+os.environ["MTK_DATA"] = str(DATA_ROOT)  # absolute: several tests chdir into a temporary folder
 
 import toolkit  # noqa: E402,F401  (pins the torch backend before any test imports keras)
 

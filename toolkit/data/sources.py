@@ -26,7 +26,7 @@ def default_cache_root():
 def resolve_data_root(data_root=None):
     """``--data-root``, else ``$MTK_DATA``, else the per-user cache (``~/.cache/mtk/data``)."""
     root = data_root or os.environ.get("MTK_DATA") or default_cache_root()
-    return pathlib.Path(root).expanduser()
+    return pathlib.Path(root).expanduser().absolute()  # absolute: workers may run elsewhere
 
 
 def _writable(path):
