@@ -287,7 +287,10 @@ def report_cmd(spec, out, verbose, as_json):
     loaded = load_spec(spec, kind="experiment")
     store = ResultsStore(results_root(loaded))
     out = out or str(results_root(loaded) / "report")
-    rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"])
+    from toolkit.experiments.grid import victim_name
+
+    rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"],
+                                   defense_folders=[victim_name(d) for d in loaded["defenses"]])
     click.echo(json.dumps(rows) if as_json else pathlib.Path(out).with_suffix(".md").read_text())
 
 

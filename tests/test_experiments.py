@@ -1,6 +1,7 @@
 """Experiment grids: expansion, the results store, skip/resume on re-run, status and the report."""
 
 import json
+import pathlib
 
 import pytest
 from click.testing import CliRunner
@@ -89,3 +90,70 @@ def test_ray_executor_fills_the_same_store(tiny_experiment, tmp_path, monkeypatc
     assert len(records) == 1
     assert all(r["result"]["queries_used"] == r["cell"]["budget"] for r in records)
     assert all((tmp_path / r["run_folder"] / "clone.keras").exists() for r in records)
+
+
+def _record(i, victim, kind, method, clone, acc, seed, budget=1000, curve=((500, 0.2),)):
+    metrics = {"val_acc": 0.9, "test_acc": 0.95, "test_agreement_with_target": 0.97}
+    return {"id": f"c{i}", "cell": {"attack": "dfme", "preset": "canonical", "budget": budget, "clone": clone,
+                                    "seed": seed},
+            "threat_spec": {"victim": f"runs/{victim}", "oracle": {"output": "soft"}},
+            "result": {"dataset": "mnist", "victim_method": method, "victim_kind": kind, "victim_name": victim,
+                       "victim_metrics": metrics, "clone_test_acc": acc, "fidelity": acc, "victim_test_acc": 0.95,
+                       "queries_used": budget, "wall_seconds": 60.0,
+                       "curve": [{"queries": q, "clone_test_acc": a} for q, a in curve]}}
+
+
+def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
+    """The report needs only the records (no run folders): paper layout, paper figures, Table 2, Fig. 2 and Fig. 3."""
+    from toolkit.experiments.report import budget_curves, write_experiment_report
+    from toolkit.experiments.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results" / "x")
+    records = [_record(0, "mnist-lenet5", "target", "undefended", "lenet5", 0.60, 0),
+               _record(1, "mnist-lenet5", "target", "undefended", "lenet5", 0.80, 1),
+               _record(2, "mnist-misleader", "defense", "misleader", "lenet5", 0.30, 0),
+               _record(3, "mnist-misleader", "defense", "misleader", "lenet5_half", 0.25, 0)]
+    records += [_record(10 + i, m, "member", "member", c, 0.1 * (i + 1), 0)
+                for i, (m, c) in enumerate([(m, c) for m in ("lenet5", "lenet5_half") for c in ("lenet5", "lenet5_half")])]
+    for r in records:
+        store.records.mkdir(parents=True, exist_ok=True)
+        (store.records / f"{r['id']}.json").write_text(json.dumps(r))
+    rows = write_experiment_report(store, tmp_path / "rep", "mtk report x", "title")
+    md = (tmp_path / "rep.md").read_text()
+    undefended = next(r for r in rows if r["method"] == "undefended")
+    assert undefended["seeds"] == 2 and abs(undefended["clone_acc_mean"] - 70.0) < 1e-9
+    assert abs(undefended["clone_acc_std"] - 14.142135623730951) < 1e-6
+    assert "| defense (victim) | lenet5 | lenet5_half |" in md  # clones are columns, defenses rows
+    assert "| misleader (mnist-misleader) | 30.00 ± 0.00 [1] (paper 11.81 ± 0.64) | 25.00 ± 0.00 [1] (paper 11.80" in md
+    assert md.index("undefended (mnist-lenet5)") < md.index("misleader (mnist-misleader)")
+    assert "## Utility (Table 2 analogue)" in md and "| 98.93 |" in md  # the paper's MISLEADER MNIST utility
+    assert (tmp_path / "rep-budget.png").exists() and (tmp_path / "rep-matrix.png").exists()
+    curves = budget_curves(store.all())
+    assert curves[("mnist", "dfme", "canonical", "lenet5")]["undefended (mnist-lenet5)"] == [(500, 20.0), (1000, 70.0)]
+
+
+def test_entries_name_targets_defenses_and_single_members(tmp_path, monkeypatch):
+    """Target specs, defense specs and spec#MEMBER entries deploy where they build; a grid without threats only
+    builds its defenses (Table 2); an unknown member is a one-line error."""
+    from toolkit.experiments import runner
+    from toolkit.experiments.grid import expand, victim_name
+    from toolkit.schemas import load_spec
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    assert victim_name("specs/targets/mnist-lenet5.json") == "runs/targets/mnist-lenet5"
+    assert victim_name("specs/mnist-misleader.json") == "runs/defenses/mnist-misleader"
+    assert victim_name("specs/mnist-misleader.json#lenet5_half") == "runs/defenses/mnist-misleader/members/lenet5_half"
+    cells = expand(load_spec("specs/experiments/cpu-fig2-mnist.json", kind="experiment"))
+    assert len(cells) == 9 and {c["threat_spec"]["victim"] for c in cells} == {
+        f"runs/defenses/mnist-misleader/members/{m}" for m in ("lenet5", "lenet5_half", "lenet5_fifth")}
+
+    built = []
+    monkeypatch.setattr("toolkit.training.target.train_target", lambda spec, **k: built.append(("target", spec)))
+    monkeypatch.setattr("toolkit.defenses.defend", lambda spec, **k: built.append(("defense", spec, k["only_members"])))
+    spec = load_spec({"kind": "experiment", "name": "t2", "defenses": [
+        "specs/targets/mnist-lenet5.json", "specs/mnist-misleader.json", "specs/mnist-misleader.json#lenet5"]},
+        kind="experiment")
+    monkeypatch.setattr(runner, "results_root", lambda s: tmp_path / "results" / s["name"])
+    runner.run_experiment(spec)
+    assert built == [("target", "specs/targets/mnist-lenet5.json"), ("defense", "specs/mnist-misleader.json", None),
+                     ("defense", "specs/mnist-misleader.json", ["lenet5"])]

@@ -120,6 +120,8 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False):
     result = {
         "attack": spec["attack"], "preset": spec["preset"], "victim": str(spec["victim"]),
         "victim_kind": card.get("kind"), "victim_name": card.get("name"),
+        "victim_method": card.get("method") or ("undefended" if card.get("kind") == "target" else card.get("kind")),
+        "dataset": card["dataset"]["name"], "victim_metrics": card.get("metrics", {}),
         "clone_architecture": spec["clone"]["architecture"], "oracle": spec["oracle"], "budget": spec["budget"],
         "queries_used": oracle.queries_used, "seed": spec["seed"], "dry_run": dry_run,
         "clone_test_acc": accuracy(predict_clone, test),

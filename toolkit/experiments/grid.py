@@ -23,12 +23,22 @@ def _set_dotted(spec, dotted, value, source):
     node[keys[-1]] = value
 
 
+def split_entry(defense):
+    """``spec.json#member`` names one member of a defense (a single-model defense, paper Fig. 2) -> (path, member)."""
+    path, _, member = str(defense).partition("#")
+    return pathlib.Path(path), member or None
+
+
 def victim_name(defense):
-    """The folder a defense entry deploys to: the entry itself, or where its spec builds (runs/defenses/NAME)."""
-    path = pathlib.Path(defense)
-    if path.suffix == ".json":
-        return str(pathlib.Path("runs") / "defenses" / read_json(path).get("name", path.stem))
-    return str(path)
+    """The folder a defense entry deploys to: an artifact folder as given, or where its spec builds it
+    (runs/targets/NAME for a target spec, runs/defenses/NAME for a defense, .../members/MEMBER for ``spec#MEMBER``)."""
+    path, member = split_entry(defense)
+    if path.suffix != ".json":
+        return str(path)
+    spec = read_json(path)
+    home = "targets" if spec.get("kind") == "target" else "defenses"
+    folder = pathlib.Path("runs") / home / spec.get("name", path.stem)
+    return str(folder / "members" / member if member else folder)
 
 
 def expand(spec, source="<experiment>"):

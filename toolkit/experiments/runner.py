@@ -27,15 +27,24 @@ def run_cell(threat_spec, folder, data_root=None):
 
 
 def prepare_defenses(spec, data_root=None):
-    """Builds every defense given as a spec file (skipped when already built); checks artifact folders exist."""
+    """Builds every target, defense or single defense member given as a spec file (skipped when already built);
+    checks that artifact folders exist."""
     from toolkit.defenses import defend
+    from toolkit.experiments.grid import split_entry
+    from toolkit.schemas import read_json
+    from toolkit.training.target import train_target
 
     for entry in spec["defenses"]:
-        path = pathlib.Path(entry)
-        if path.suffix == ".json":
-            defend(entry, data_root=data_root)
-        elif not (path / "card.json").exists():
-            raise UserError(f"$.defenses: {entry}: not an artifact folder (no card.json) and not a defense spec")
+        path, member = split_entry(entry)
+        if path.suffix != ".json":
+            if not (path / "card.json").exists():
+                raise UserError(f"$.defenses: {entry}: not an artifact folder (no card.json) and not a spec")
+        elif not path.exists():
+            raise UserError(f"$.defenses: {path}: file not found")
+        elif read_json(path).get("kind") == "target":
+            train_target(str(path), data_root=data_root)
+        else:
+            defend(str(path), data_root=data_root, only_members=[member] if member else None)
 
 
 def status(spec, store=None):
@@ -61,11 +70,13 @@ def run_experiment(spec, data_root=None, executor=None, address=None, workers=No
     spec = load_spec(spec, kind="experiment")
     cells = expand(spec, str(source))
     store = ResultsStore(results_root(spec))
-    todo = [c for c in cells if not store.done(c["id"])]
+    seeds = spec["seeds"]  # seed-first: a partial run already covers every row once
+    todo = sorted((c for c in cells if not store.done(c["id"])), key=lambda c: seeds.index(c["seed"]))
     progress.log(f"[{spec['name']}] {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
+    if todo or not spec["threats"]:  # no threats: the experiment builds its defenses (a utility table) only
+        prepare_defenses(spec, data_root)
     if not todo:
         return store
-    prepare_defenses(spec, data_root)
     ex = dict(spec["executor"])
     ex["name"] = executor or ex["name"]
     ex["workers"] = workers or ex["workers"]
