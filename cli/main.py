@@ -169,7 +169,8 @@ def defend_cmd(spec, out, force, dry_run, members, data_root, verbose, as_json):
                                                     "members": {k: v["metrics"] for k, v in
                                                                 card.get("members", {}).items()}}))
         return
-    click.echo(f"{card['name']}: ensemble test acc {card['metrics']['test_acc']:.4f}, "
+    what = "ensemble" if card.get("members") else card.get("method", "defense")
+    click.echo(f"{card['name']}: {what} test acc {card['metrics']['test_acc']:.4f}, "
                f"val acc {card['metrics']['val_acc']:.4f}, agreement with target "
                f"{card['metrics']['test_agreement_with_target']:.4f}")
     for name, member in card.get("members", {}).items():

@@ -31,6 +31,7 @@ class Deployable:
 
     def __init__(self, card, folder=None):
         self.card, self.folder = card, folder
+        self._chain = None  # the card's output postprocessors, built on first use
 
     @property
     def input_shape(self):
@@ -46,10 +47,18 @@ class Deployable:
 
         from toolkit.data.batches import to_float_tensor
 
+        if self._chain is None:
+            from toolkit.defenses.postprocess import build_postprocessors
+
+            self._chain = build_postprocessors(self.card.get("deployable", {}).get("postprocess"),
+                                               "card.json: $.deployable.postprocess")
         outs = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                outs.append(self._proba(to_float_tensor(x[i:i + batch_size])).float())
+                probs = self._proba(to_float_tensor(x[i:i + batch_size])).float()
+                for post in self._chain:
+                    probs = post(probs)
+                outs.append(probs)
         return torch.cat(outs) if outs else torch.zeros((0, self.num_classes))
 
     def _proba(self, x):
@@ -104,7 +113,11 @@ def read_card(folder):
 def load_deployable(folder):
     """The deployable in an artifact folder, whatever it is (target, member, ensemble, baseline)."""
     folder = pathlib.Path(folder)
-    card = read_card(folder)
+    return deployable_from_card(folder, read_card(folder))
+
+
+def deployable_from_card(folder, card):
+    """The deployable a card describes (its files in ``folder``), before or after the card is written."""
     kind = card.get("deployable", {}).get("type")
     if kind not in _LOADERS:
         _import_plugins()

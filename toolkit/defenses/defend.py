@@ -6,7 +6,6 @@ import shutil
 from toolkit import artifacts, progress
 from toolkit.artifacts import load_keras_model, read_card
 from toolkit.data import load_dataset
-from toolkit.defenses.ensemble import EnsembleDeployable
 from toolkit.defenses.misleader import member_names, train_member
 from toolkit.errors import UserError
 from toolkit.models import get_architecture
@@ -14,6 +13,17 @@ from toolkit.schemas import load_spec, same_spec, spec_hash
 from toolkit.training.evaluate import accuracy, agreement, model_predictor
 from toolkit.training.target import DRY_RUN_STEPS, shrink_for_dry_run, train_target
 
+
+
+def _baseline_builders():
+    """method -> build(folder, spec, target_folder, target_card, data, teacher, dry_run, force, data_root)
+    -> (deployable entry, extra card fields)."""
+    from toolkit.defenses import perturbation
+
+    return {m: perturbation.build for m in perturbation.METHODS}
+
+
+BUILDERS = _baseline_builders()
 
 
 def default_folder(spec, dry_run=False):
@@ -73,6 +83,10 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_memb
 
     if spec["method"] == "undefended":
         return _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict)
+    if spec["method"] in BUILDERS:
+        entry, extra = BUILDERS[spec["method"]](folder, spec, target_folder, target_card, data, teacher, dry_run,
+                                                force, data_root)
+        return finish_defense(folder, spec, digest, target_folder, target_card, data, teacher_predict, entry, extra)
 
     names = member_names(spec["members"])
     unknown = sorted(set(only_members or ()) - set(names))
@@ -96,24 +110,31 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_memb
         raise UserError(f"{source}: $.ensemble.weights: {len(weights)} weights for {len(names)} members")
     entries = [{"name": n, "path": f"members/{n}", "file": c["deployable"]["file"], "weight": w}
                for n, c, w in zip(names, member_cards, weights)]
-    card = {"kind": "defense", "method": "misleader", "name": spec["name"], "created": artifacts.now(),
-            "deployable": {"type": "ensemble", "members": entries}, "dataset": target_card["dataset"],
+    members = {n: {"architecture": c["architecture"], "metrics": c["metrics"], "lambda": c["member"]["lambda"],
+                   "temperature": c["member"]["temperature"], "alpha": c["member"]["alpha"],
+                   "train_seconds": c["train_seconds"]} for n, c in zip(names, member_cards)}
+    return finish_defense(folder, spec, digest, target_folder, target_card, data, teacher_predict,
+                          {"type": "ensemble", "members": entries}, {"members": members, "dry_run": dry_run})
+
+
+def finish_defense(folder, spec, digest, target_folder, target_card, data, teacher_predict, deployable, extra=None):
+    """Writes the defense card: its deployable entry with the spec's postprocessors, and the accuracy and top-1
+    agreement with the target of exactly what the deployed defense answers (the same object an attack queries).
+    Removes the training checkpoints once the card is safely written."""
+    card = {"kind": "defense", "method": spec["method"], "name": spec["name"], "created": artifacts.now(),
+            "deployable": {**deployable, "postprocess": spec["postprocess"]}, "dataset": target_card["dataset"],
             "target": {"folder": str(target_folder), "name": target_card["name"], "metrics": target_card["metrics"]},
-            "dry_run": dry_run}
-    ensemble = EnsembleDeployable([load_keras_model(folder / e["path"] / e["file"]) for e in entries], weights, card)
-    predict = ensemble.predict_proba
+            **(extra or {})}
+    predict = artifacts.deployable_from_card(folder, card).predict_proba
     card["metrics"] = {
         "val_acc": accuracy(predict, data.val), "test_acc": accuracy(predict, data.test),
         "test_agreement_with_target": agreement(predict, teacher_predict, data.test.x),
         "target_test_acc": accuracy(teacher_predict, data.test),
     }
-    card["members"] = {n: {"architecture": c["architecture"], "metrics": c["metrics"],
-                           "lambda": c["member"]["lambda"], "temperature": c["member"]["temperature"],
-                           "alpha": c["member"]["alpha"], "train_seconds": c["train_seconds"]}
-                       for n, c in zip(names, member_cards)}
     card.update(spec=spec, spec_hash=digest, versions=artifacts.versions())
     artifacts.write_card(folder, card)
-    progress.log(f"[{spec['name']}] ensemble val acc {card['metrics']['val_acc']:.4f}, test acc "
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+    progress.log(f"[{spec['name']}] {spec['method']}: val acc {card['metrics']['val_acc']:.4f}, test acc "
                  f"{card['metrics']['test_acc']:.4f}, agreement with target "
                  f"{card['metrics']['test_agreement_with_target']:.4f} -> {folder}")
     return card
@@ -122,11 +143,5 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_memb
 def _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict):
     filename = target_card["deployable"]["file"]
     shutil.copyfile(target_folder / filename, folder / filename)
-    card = {"kind": "defense", "method": "undefended", "name": spec["name"], "created": artifacts.now(),
-            "deployable": {"type": "model", "file": filename}, "dataset": target_card["dataset"],
-            "target": {"folder": str(target_folder), "name": target_card["name"]},
-            "metrics": {"val_acc": accuracy(teacher_predict, data.val),
-                        "test_acc": accuracy(teacher_predict, data.test), "test_agreement_with_target": 1.0},
-            "spec": spec, "spec_hash": digest, "versions": artifacts.versions()}
-    artifacts.write_card(folder, card)
-    return card
+    return finish_defense(folder, spec, digest, target_folder, target_card, data, teacher_predict,
+                          {"type": "model", "file": filename})

@@ -72,3 +72,37 @@ class EpochLoop:
         """Removes the resumable state once the final artifact is safely written."""
         for path in (self.state_path, self.best_path):
             path.unlink(missing_ok=True)
+
+
+def fit(folder, name, model, stream, loss_fn, validate, fingerprint, epochs, optimizer, steps=None,
+        variables=None, select="best_val", discard_stale=False, extra_models=None):
+    """Minimises ``loss_fn(x, y) -> scalar`` over ``variables`` (default: the model's trainable ones) for ``epochs``
+    passes of ``stream``, through EpochLoop: resumable per epoch, progress with ETA, best weights on validation.
+
+    The trained defenses share it (surrogates, misinformation models, diverse members, exit heads); ``optimizer``
+    comes from ``make_optimizer`` with the same ``steps`` per epoch. The checkpoints stay in ``folder/checkpoint``
+    until the caller has written its artifact (then it removes them), so a kill in between loses nothing.
+    """
+    from toolkit.training.optim import apply_gradients, zero_grad
+
+    variables = list(model.trainable_variables if variables is None else variables)
+    optimizer.build(variables)
+    steps = min(len(stream), steps or len(stream))
+    loop = EpochLoop(folder, name, epochs, steps, {"model": model, **(extra_models or {})}, {"opt": optimizer},
+                     fingerprint, select, discard_stale=discard_stale)
+
+    def train_epoch(epoch, on_step):
+        total, seen = 0.0, 0
+        for i, (x, y) in enumerate(stream.epoch(epoch)):
+            if i >= steps:
+                break
+            loss = loss_fn(x, y)
+            zero_grad(variables)
+            loss.backward()
+            apply_gradients(optimizer, variables)
+            total += float(loss.detach()) * len(y)
+            seen += len(y)
+            on_step(loss=total / seen)
+        return {"train_loss": total / max(1, seen), "lr": float(optimizer.mtk_schedule.lr_at_epoch(epoch))}
+
+    return loop.run(train_epoch, validate)  # checkpoints stay until the caller's artifact is written

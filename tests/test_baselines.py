@@ -1,0 +1,166 @@
+"""Baseline defenses: output perturbations (budget, simplex, top-1, the closed forms), postprocessors, save/load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from toolkit.defenses.perturbation import MAD, GradientRedirection, RandomPerturbation
+from toolkit.defenses.postprocess import build_postprocessors
+from toolkit.errors import UserError
+from toolkit.models import build_model
+
+
+def _answers(n=256, k=10, seed=0):
+    """Random and adversarial probability rows: confident, flat, tied, one-hot and near-uniform."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.softmax(torch.randn(n, k, generator=g) * s, 1) for s in (0.3, 3.0, 12.0)]
+    rows.append(torch.full((4, k), 1.0 / k))
+    rows.append(torch.eye(k)[:4])
+    tied = torch.zeros(4, k)
+    tied[:, :2] = 0.5
+    rows.append(tied)
+    return torch.cat(rows)
+
+
+@pytest.fixture(scope="module")
+def surrogate():
+    import keras
+
+    keras.utils.set_random_seed(3)
+    return build_model("lenet5_fifth", (1, 32, 32), 10, [0.13], [0.31])
+
+
+def _perturbations(surrogate):
+    for variant in ("original", "argmax"):
+        yield RandomPerturbation(1.0, variant, seed=1)
+        yield MAD(surrogate, 1.0, variant, "extreme")
+        yield MAD(surrogate, 1.0, variant, "angular")
+        yield GradientRedirection(surrogate, 1.0, variant, "all-ones")
+        yield GradientRedirection(surrogate, 1.0, variant, "min-ip")
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.5, 1.0, 2.0])
+def test_every_perturbation_stays_in_budget_on_the_simplex_and_argmax_variants_keep_top1(surrogate, epsilon):
+    y = _answers()
+    x = torch.rand(len(y), 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    for perturb in _perturbations(surrogate):
+        perturb.epsilon = epsilon
+        out = perturb(x, y)
+        name = f"{type(perturb).__name__} {perturb.variant}"
+        assert out.shape == y.shape, name
+        assert (out >= -1e-6).all(), name
+        assert torch.allclose(out.sum(1), torch.ones(len(y)), atol=1e-5), name
+        assert ((out - y).abs().sum(1) <= epsilon + 1e-5).all(), name
+        if perturb.variant == "argmax":
+            untied = (y.topk(2, 1).values[:, 0] > y.topk(2, 1).values[:, 1])
+            assert (out.argmax(1) == y.argmax(1))[untied].all(), name
+
+
+def test_original_randp_at_the_paper_budget_flips_every_confident_top1():
+    y = torch.softmax(torch.randn(2048, 10, generator=torch.Generator().manual_seed(0)) * 6, 1)
+    confident = (y.max(1).values > 0.99) & (y.max(1).values < 0.9999)  # y_max = 1.0 exactly would tie at 0.5
+    out = RandomPerturbation(1.0, "original", seed=0)(None, y)
+    assert confident.sum() > 100
+    assert (out.argmax(1) != y.argmax(1))[confident].all()
+
+
+def test_mad_closed_form_matches_autograd_last_layer_gradients(surrogate):
+    """G (K x D, rows: d(-log p_k)/dW of the last dense layer) from autograd gives the same extreme and angular
+    objectives as the closed form on p alone."""
+    from toolkit.models.fast import forward
+
+    x = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = torch.softmax(torch.randn(1, 10, generator=torch.Generator().manual_seed(6)) * 2, 1)
+    kernel = surrogate.layers[-1].kernel.value
+    rows = []
+    for k in range(10):
+        log_p = torch.log_softmax(forward(surrogate, x, False), 1)
+        (grad,) = torch.autograd.grad(-log_p[0, k], kernel)
+        rows.append(grad.flatten())
+    G = torch.stack(rows)
+    p = torch.softmax(forward(surrogate, x, False), 1).detach()
+    vertices = torch.eye(10)
+    for oracle in ("extreme", "angular"):
+        mad = MAD(surrogate, 1.0, "original", oracle)
+        closed = mad.objective(p, y, vertices[None])[0]
+        if oracle == "extreme":
+            direct = torch.stack([(G.T @ (vertices[k] - y[0])).pow(2).sum() for k in range(10)])
+            ratio = direct / closed
+            assert torch.allclose(ratio, ratio[0].expand(10), rtol=1e-3)  # proportional (factor ||h||^2)
+        else:
+            v = G.T @ y[0]
+            direct = torch.stack([((G.T @ vertices[k]) / (G.T @ vertices[k]).norm() - v / v.norm()).pow(2).sum()
+                                  for k in range(10)])
+            assert torch.allclose(direct, closed, atol=1e-4)
+
+
+def test_grad_direction_matches_finite_differences_and_the_step_is_the_lp_minimiser(surrogate):
+    g = torch.Generator().manual_seed(7)
+    x = torch.rand(3, 1, 32, 32, generator=g)
+    y = torch.softmax(torch.randn(3, 10, generator=g) * 2, 1)
+    grad_def = GradientRedirection(surrogate, 0.6, "original", "all-ones")
+    direction = grad_def.direction(x, y)
+
+    def objective(y_prime):  # <g(y'), -1>, g the surrogate's parameter gradient under soft labels y'
+        from toolkit.models.fast import forward
+
+        params = [v.value for v in surrogate.trainable_variables]
+        log_p = torch.log_softmax(forward(surrogate, x, False), 1)
+        grads = torch.autograd.grad((y_prime * log_p).sum() / len(y_prime), params)
+        return -sum(gi.sum() for gi in grads)
+
+    delta = torch.zeros_like(y)
+    delta[1, 4], delta[1, 2] = 1e-2, -1e-2
+    fd = (objective(y + delta) - objective(y - delta)) / 2
+    assert abs(float(fd) - float((direction * delta).sum())) < 1e-3 * max(1.0, abs(float(fd)))
+
+    out = grad_def(x, y)
+    best = (direction * out).sum(1)
+    for _ in range(300):  # no random feasible point (simplex, L1 <= eps) does better than the closed-form step
+        noise = torch.randn(y.shape, generator=g)
+        noise = noise - noise.mean(1, keepdim=True)
+        candidate = (y + noise / noise.abs().sum(1, keepdim=True) * torch.rand(3, 1, generator=g) * 0.6)
+        feasible = (candidate >= 0).all(1)
+        assert ((direction * candidate).sum(1) >= best - 1e-6)[feasible].all()
+
+
+def test_postprocessors_work_row_by_row_on_batches():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3]])
+    (top1,) = build_postprocessors([{"name": "top1"}])
+    assert torch.equal(top1(probs), torch.tensor([[1.0, 0, 0], [0, 0, 1], [0, 1, 0]]))  # not ART's batch bug
+    (top2,) = build_postprocessors([{"name": "topk", "k": 2}])
+    assert torch.allclose(top2(probs), torch.tensor([[7 / 9, 2 / 9, 0], [0, 1 / 3, 2 / 3], [0, 0.625, 0.375]]))
+    (rounded,) = build_postprocessors([{"name": "round", "decimals": 1}])
+    assert torch.allclose(rounded(torch.tensor([[0.64, 0.36]])), torch.tensor([[0.6, 0.4]]))
+    for config in ({"name": "reverse_sigmoid", "beta": 0.5, "gamma": 0.2}, {"name": "noise", "scale": 0.05}):
+        (post,) = build_postprocessors([config])
+        out = post(probs)
+        assert (out >= 0).all() and torch.allclose(out.sum(1), torch.ones(3), atol=1e-5)
+    with pytest.raises(UserError, match=r"postprocess\[0\]\.name"):
+        build_postprocessors([{"name": "blur"}])
+
+
+def test_perturbation_defenses_save_load_and_answer_through_the_card(mnist_victim, tmp_path, data_root):
+    """mtk defend builds each method; the folder loads through the one call and answers what the card measured."""
+    from toolkit.artifacts import load_deployable, read_card
+    from toolkit.defenses import defend
+
+    base = {"kind": "defense", "target": str(mnist_victim), "perturbation": {"epsilon": 1.0}}
+    x = np.random.default_rng(0).random((64, 1, 32, 32), dtype=np.float32)
+    for method, variant, post in (("grad", "argmax", []), ("p-poison", "original", [{"name": "topk", "k": 3}])):
+        spec = {**base, "name": method, "method": method, "perturbation": {"epsilon": 1.0, "variant": variant},
+                "surrogate": {"epochs": 1}, "postprocess": post}
+        card = defend(spec, out=tmp_path / method, data_root=data_root)
+        victim = load_deployable(tmp_path / method)
+        assert read_card(tmp_path / method)["deployable"]["type"] == "perturbation"
+        a, b = victim.predict_proba(x), load_deployable(tmp_path / method).predict_proba(x)
+        assert torch.allclose(a, b, atol=1e-6)  # deterministic methods: the reload answers identically
+        target = load_deployable(mnist_victim).predict_proba(x)
+        assert ((a - target).abs().sum(1) <= 1.0 + 1e-5).all() or post
+        if post:
+            assert ((a > 0).sum(1) <= 3).all()
+        if variant == "argmax":
+            assert card["metrics"]["test_agreement_with_target"] == 1.0
+    assert json.loads((tmp_path / "grad" / "card.json").read_text())["surrogate"]["epochs"] == 1
