@@ -164,3 +164,88 @@ def test_perturbation_defenses_save_load_and_answer_through_the_card(mnist_victi
         if variant == "argmax":
             assert card["metrics"]["test_agreement_with_target"] == 1.0
     assert json.loads((tmp_path / "grad" / "card.json").read_text())["surrogate"]["epochs"] == 1
+
+
+def _trained(method, victim, tmp_path, data_root, **fields):
+    from toolkit.defenses import defend
+
+    spec = {"kind": "defense", "name": method, "method": method, "target": str(victim),
+            "train": {"epochs": 1, "steps_per_epoch": 40, "batch_size": 128}, **fields}
+    return defend(spec, out=tmp_path / method, data_root=data_root)
+
+
+def _ood_and_id(data_root, n=512):
+    from toolkit.data import load_dataset
+    from toolkit.data.registry import images_like
+
+    ood = images_like(None, (1, 32, 32), data_root, size=n)
+    test = load_dataset({"name": "mnist", "val_size": 2000, "limit": 12000}, data_root).test
+    return ood, test.x[:n]
+
+
+UTILITY_MARGIN = 0.03  # a trained baseline may cost at most 3 points of the small victim's test accuracy here
+
+
+def test_adaptive_misinformation_keeps_utility_and_misinforms_ood_queries(mnist_victim, tmp_path, data_root):
+    from toolkit.artifacts import load_deployable, read_card
+
+    # the small test victim is less confident than a trained one: its threshold sits lower than the preset's 0.9
+    card = _trained("misinformation", mnist_victim, tmp_path, data_root, misinformation={"tau": 0.5},
+                    train={"epochs": 2, "steps_per_epoch": 40, "batch_size": 128})
+    target_acc = read_card(mnist_victim)["metrics"]["test_acc"]
+    assert card["metrics"]["test_acc"] >= target_acc - UTILITY_MARGIN
+    victim = load_deployable(tmp_path / "misinformation")
+    ood, iid = _ood_and_id(data_root)
+
+    def misinformed(x):  # the switch h = sigmoid(nu (tau - max y)) of the defender's answer
+        y = torch.softmax(forward(victim.defender, to_float_tensor(x), False), 1)
+        return float((torch.sigmoid(victim.nu * (victim.tau - y.max(1).values)) > 0.5).float().mean())
+
+    from toolkit.data.batches import to_float_tensor
+    from toolkit.models.fast import forward
+
+    assert misinformed(ood) > misinformed(iid) + 0.3
+    assert torch.allclose(victim.predict_proba(iid[:32]), load_deployable(tmp_path / "misinformation")
+                          .predict_proba(iid[:32]), atol=1e-6)
+
+
+def test_edm_keeps_utility_hashes_queries_to_members_and_disagrees_more_off_distribution(mnist_victim, tmp_path,
+                                                                                          data_root):
+    from toolkit.artifacts import load_deployable, read_card
+    from toolkit.data.batches import to_float_tensor
+    from toolkit.defenses.edm import member_index
+    from toolkit.models.fast import forward
+
+    card = _trained("edm", mnist_victim, tmp_path, data_root, edm={"members": 3, "diversity_weight": 1.0})
+    assert card["metrics"]["test_acc"] >= read_card(mnist_victim)["metrics"]["test_acc"] - UTILITY_MARGIN
+    victim = load_deployable(tmp_path / "edm")
+    ood, iid = _ood_and_id(data_root)
+    x = to_float_tensor(iid[:300])
+    pick = member_index(x, 3, victim.key)
+    assert torch.equal(pick, member_index(x.clone(), 3, victim.key))  # the same query, the same member
+    assert all(40 < int((pick == i).sum()) < 160 for i in range(3))  # and every member answers a share
+    out = victim.predict_proba(x)
+    for i in range(3):
+        rows = pick == i
+        assert torch.allclose(out[rows], torch.softmax(forward(victim.members[i], x[rows], False), 1), atol=1e-5)
+
+    def disagreement(images):
+        tops = torch.stack([forward(m, to_float_tensor(images), False).argmax(1) for m in victim.members])
+        return float((tops != tops[0]).any(0).float().mean())
+
+    assert disagreement(ood) > disagreement(iid)
+
+
+def test_dnf_keeps_utility_and_sends_ood_queries_out_early(mnist_victim, tmp_path, data_root):
+    from toolkit.artifacts import load_deployable, read_card
+    from toolkit.data.batches import to_float_tensor
+
+    card = _trained("dnf", mnist_victim, tmp_path, data_root, dnf={"exits": 3, "thresholds": [0.9, 0.92, 0.94]})
+    assert card["metrics"]["test_acc"] >= read_card(mnist_victim)["metrics"]["test_acc"] - UTILITY_MARGIN
+    victim = load_deployable(tmp_path / "dnf")
+    assert len(victim.model.outputs) == 4  # three exits and the final output
+    ood, iid = _ood_and_id(data_root)
+    final = len(victim.thresholds)
+    _, taken_ood = victim.answers(to_float_tensor(ood))
+    _, taken_iid = victim.answers(to_float_tensor(iid))
+    assert float((taken_ood < final).float().mean()) > float((taken_iid < final).float().mean()) + 0.3

@@ -140,22 +140,10 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False):
 
 def proxy_images(cfg, input_shape, data_root, seed):
     """DFMS-HL's proxy images (uint8 NCHW) shaped like the victim's inputs; synthetic shapes unless a dataset is set."""
-    channels, size = input_shape[0], input_shape[1]
-    data_cfg = cfg["proxy"] or {"name": "shapes", "val_size": 0}
-    data_cfg = {"channels": channels, "image_size": size, **data_cfg}
-    data = load_dataset(data_cfg, data_root)
-    if data.input_shape != tuple(input_shape):
-        raise UserError(f"dfms_hl.proxy: dataset '{data.name}' gives images {data.input_shape}, the victim takes "
-                        f"{tuple(input_shape)} (set its channels / image_size)")
-    splits = [data.split(s) for s in cfg["proxy_splits"]]
-    x, y = np.concatenate([s.x for s in splits]), np.concatenate([s.y for s in splits])
-    if cfg["proxy_classes"] is not None:
-        x = x[np.isin(y, cfg["proxy_classes"])]
-    if cfg["proxy_size"] is not None and len(x) > cfg["proxy_size"]:
-        x = x[np.sort(np.random.default_rng(seed).choice(len(x), cfg["proxy_size"], replace=False))]
-    if len(x) == 0:
-        raise UserError("dfms_hl.proxy: no proxy images left (check proxy_splits / proxy_classes)")
-    return x
+    from toolkit.data.registry import images_like
+
+    return images_like(cfg["proxy"], input_shape, data_root, cfg["proxy_splits"], cfg["proxy_size"], seed,
+                       cfg["proxy_classes"], what="dfms_hl.proxy")
 
 
 def _previous_seconds(folder):

@@ -196,3 +196,24 @@ def resize(x, size):
 def channel_stats(x):
     x = x.astype(np.float64) / (255.0 if x.dtype == np.uint8 else 1.0)
     return tuple(x.mean(axis=(0, 2, 3)).tolist()), tuple(np.maximum(x.std(axis=(0, 2, 3)), 1e-3).tolist())
+
+
+def images_like(config, input_shape, data_root=None, splits=("train",), size=None, seed=0, classes=None,
+                what="dataset"):
+    """uint8 NCHW images from a registry dataset (default: synthetic shapes) converted to ``input_shape``
+    (C, H, W): attacker proxy sets and defenders' OOD sets. ``what`` names the spec field in errors."""
+    channels, side = int(input_shape[0]), int(input_shape[1])
+    config = {"channels": channels, "image_size": side, **(config or {"name": "shapes", "val_size": 0})}
+    data = load_dataset(config, data_root)
+    if data.input_shape != tuple(input_shape):
+        raise UserError(f"{what}: dataset '{data.name}' gives images {data.input_shape}, the model takes "
+                        f"{tuple(input_shape)} (set its channels / image_size)")
+    parts = [data.split(s) for s in splits]
+    x, y = np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts])
+    if classes is not None:
+        x = x[np.isin(y, classes)]
+    if size is not None and len(x) > size:
+        x = x[np.sort(np.random.default_rng(seed).choice(len(x), size, replace=False))]
+    if len(x) == 0:
+        raise UserError(f"{what}: no images left (check its splits / classes)")
+    return x

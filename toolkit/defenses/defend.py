@@ -18,9 +18,10 @@ from toolkit.training.target import DRY_RUN_STEPS, shrink_for_dry_run, train_tar
 def _baseline_builders():
     """method -> build(folder, spec, target_folder, target_card, data, teacher, dry_run, force, data_root)
     -> (deployable entry, extra card fields)."""
-    from toolkit.defenses import perturbation
+    from toolkit.defenses import dnf, edm, misinformation, perturbation
 
-    return {m: perturbation.build for m in perturbation.METHODS}
+    return {**{m: perturbation.build for m in perturbation.METHODS}, "misinformation": misinformation.build,
+            "edm": edm.build, "dnf": dnf.build}
 
 
 BUILDERS = _baseline_builders()

@@ -34,4 +34,4 @@ def forward(model, x, training=False):
         return layer.call
 
     out = run([x], operation_fn=direct)
-    return out[0] if isinstance(out, (list, tuple)) else out
+    return out[0] if isinstance(out, (list, tuple)) and len(out) == 1 else out  # several outputs: the list
