@@ -18,10 +18,10 @@ from toolkit.training.target import DRY_RUN_STEPS, shrink_for_dry_run, train_tar
 def _baseline_builders():
     """method -> build(folder, spec, target_folder, target_card, data, teacher, dry_run, force, data_root)
     -> (deployable entry, extra card fields)."""
-    from toolkit.defenses import dnf, edm, misinformation, perturbation
+    from toolkit.defenses import act, dnf, edm, meco, misinformation, perturbation
 
     return {**{m: perturbation.build for m in perturbation.METHODS}, "misinformation": misinformation.build,
-            "edm": edm.build, "dnf": dnf.build}
+            "edm": edm.build, "dnf": dnf.build, "meco": meco.build, "act": act.build}
 
 
 BUILDERS = _baseline_builders()
