@@ -94,3 +94,16 @@ def test_schema_command_prints_a_usable_schema():
     schema = json.loads(result.output)
     assert schema["properties"]["train"]["properties"]["epochs"]["default"] == 10
     assert "dataset" in schema["$defs"]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "specs" / "experiments").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_experiments_expand_to_cells_naming_shipped_specs(path, monkeypatch):
+    """Every cell of every shipped grid expands to a valid threat spec; every defense entry names a shipped spec."""
+    from toolkit.experiments.grid import expand, split_entry
+
+    monkeypatch.chdir(REPO)
+    spec = load_spec(str(path), kind="experiment")
+    for entry in spec["defenses"]:
+        assert split_entry(entry)[0].exists(), entry
+    cells = expand(spec, str(path))
+    assert len(cells) == len({c["id"] for c in cells})

@@ -63,6 +63,7 @@ def expand(spec, source="<experiment>"):
                 if all(coords.get(k) == v for k, v in override["match"].items()):
                     for dotted, value in override["set"].items():
                         _set_dotted(threat, dotted, value, f"{source}: $.overrides[{i}]")
+            coords.update(budget=threat["budget"], clone=threat["clone"]["architecture"])  # as overridden
             cell_id = spec_hash({"threat": {k: v for k, v in threat.items() if k not in ("name", "description")}})[:12]
             threat["name"] = f"{spec['name']}-{cell_id}"
             threat = load_spec(threat, kind="threat", source=f"{source}: cell {cell_id} ({threat_path})")

@@ -70,8 +70,9 @@ def run_experiment(spec, data_root=None, executor=None, address=None, workers=No
     spec = load_spec(spec, kind="experiment")
     cells = expand(spec, str(source))
     store = ResultsStore(results_root(spec))
-    seeds = spec["seeds"]  # seed-first: a partial run already covers every row once
-    todo = sorted((c for c in cells if not store.done(c["id"])), key=lambda c: seeds.index(c["seed"]))
+    # seed-first, then threat by threat: a partial run already covers the first threat's rows once
+    order = lambda c: (spec["seeds"].index(c["seed"]), spec["threats"].index(c["threat"]))  # noqa: E731
+    todo = sorted((c for c in cells if not store.done(c["id"])), key=order)
     progress.log(f"[{spec['name']}] {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
     if todo or not spec["threats"]:  # no threats: the experiment builds its defenses (a utility table) only
         prepare_defenses(spec, data_root)
