@@ -290,8 +290,11 @@ def report_cmd(spec, out, verbose, as_json):
     out = out or str(results_root(loaded) / "report")
     from toolkit.experiments.grid import victim_name
 
+    from toolkit.experiments.grid import expand
+
     rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"],
-                                   defense_folders=[victim_name(d) for d in loaded["defenses"]])
+                                   defense_folders=[victim_name(d) for d in loaded["defenses"]],
+                                   cells=len(expand(loaded, spec)))
     click.echo(json.dumps(rows) if as_json else pathlib.Path(out).with_suffix(".md").read_text())
 
 

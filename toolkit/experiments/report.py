@@ -268,7 +268,7 @@ def _fmt(mean, std, n=None):
     return f"{mean:.2f} ± {std:.2f}" + (f" [{n}]" if n is not None else "")
 
 
-def write_experiment_report(store, out, command, title, defense_folders=()):
+def write_experiment_report(store, out, command, title, defense_folders=(), cells=None):
     """<out>.md, .csv, .json (the paper's layouts: defenses as rows, clone architectures as columns, Table 2 utility)
     plus <out>-budget.png (clone accuracy vs queries per defense, Fig. 3) and <out>-matrix.png (attacker x
     single-member defense architecture, Fig. 2) when the store has such cells."""
@@ -287,7 +287,8 @@ def write_experiment_report(store, out, command, title, defense_folders=()):
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_bytes(out.with_suffix(".csv"), buffer.getvalue().encode())
-    lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records in `{store.root}`.", "",
+    of = f" of the grid's {cells} cells" if cells is not None else ""
+    lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records{of} in `{store.root}`.", "",
              "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std over "
              "its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of the "
              "paper's architecture. Each table names its attack preset, API and budget.", ""]
