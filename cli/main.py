@@ -181,7 +181,8 @@ def defend_cmd(spec, out, force, dry_run, members, data_root, verbose, as_json):
 @main.command("extract")
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @click.option("--attack", type=click.Choice(["dfme", "dfms-hl", "knockoff"]), help="Attack (overrides the spec).")
-@click.option("--victim", help="Victim artifact folder (target, member or defense).")
+@click.option("--victim", help="Victim: an artifact folder (target, member or defense) or a live mtk serve URL.")
+@click.option("--key", "api_key", default=None, help="API key for an http(s) victim (default: $MTK_API_KEY).")
 @click.option("--clone", "clone_arch", help="Clone architecture.")
 @click.option("--budget", type=int, help="Query budget.")
 @click.option("--output", "oracle_output", type=click.Choice(["soft", "hard"]), help="What the API returns.")
@@ -193,8 +194,8 @@ def defend_cmd(spec, out, force, dry_run, members, data_root, verbose, as_json):
               "NAME-dry-run: proves a paper-budget spec starts and finishes.")
 @_data_root
 @_common
-def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, name, out, force, dry_run, data_root,
-                verbose, as_json):
+def extract_cmd(spec, attack, victim, api_key, clone_arch, budget, oracle_output, seed, name, out, force, dry_run,
+                data_root, verbose, as_json):
     """Extract a clone of a victim through the black-box oracle: from a threat SPEC and/or options.
 
     Resumes from the run folder's checkpoint after a kill (the query count continues)."""
@@ -213,15 +214,17 @@ def extract_cmd(spec, attack, victim, clone_arch, budget, oracle_output, seed, n
         missing = [opt for opt, key in (("--attack", "attack"), ("--victim", "victim")) if key not in data]
         if missing:
             raise UserError(f"without a threat spec, {' and '.join(missing)} must be given")
-        data.setdefault("name", f"{data['attack']}-{pathlib.Path(data['victim']).name}-"
+        victim_label = pathlib.Path(data["victim"].split("://")[-1].replace(":", "-").rstrip("/")).name
+        data.setdefault("name", f"{data['attack']}-{victim_label}-"
                                 f"{data.get('clone', {}).get('architecture', 'lenet5')}")
-    result = extract(data, out=out, data_root=data_root, force=force, dry_run=dry_run)
+    result = extract(data, out=out, data_root=data_root, force=force, dry_run=dry_run, api_key=api_key)
     if as_json:
         click.echo(json.dumps(result if verbose else {k: result[k] for k in (
             "attack", "victim", "clone_architecture", "queries_used", "clone_test_acc", "fidelity", "wall_seconds")}))
     else:
         click.echo(f"{result['attack']} on {result['victim']}: clone ({result['clone_architecture']}) test acc "
-                   f"{result['clone_test_acc']:.4f}, fidelity {result['fidelity']:.4f}, "
+                   f"{result['clone_test_acc']:.4f}, fidelity "
+                   f"{'not measured' if result['fidelity'] is None else format(result['fidelity'], '.4f')}, "
                    f"{result['queries_used']} queries, {result['wall_seconds']:.0f}s")
 
 
@@ -312,6 +315,80 @@ def utility_cmd(defenses, out, verbose, as_json):
         click.echo(json.dumps(rows))
     else:
         click.echo(pathlib.Path(out).with_suffix(".md").read_text())
+
+
+@main.command("serve")
+@click.argument("artifact", type=click.Path(file_okay=False, exists=True))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port.")
+@click.option("--keys", "keys_path", default="runs/keys.sqlite", show_default=True,
+              help="SQLite key database (mtk keys add ...).")
+@click.option("--open", "open_access", is_flag=True, help="No API keys (local experiments only).")
+@click.option("--output", type=click.Choice(["soft", "hard"]), default="soft", show_default=True,
+              help="Answer with probabilities or the top-1 label only.")
+@click.option("--max-batch", type=int, default=256, show_default=True, help="Rows per model call (dynamic batching).")
+@click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
+              help="How long a request may wait for others to share its model call.")
+@click.option("--max-rows", type=int, default=1024, show_default=True, help="Images per request at most.")
+def serve_cmd(artifact, host, port, keys_path, open_access, output, max_batch, max_wait_ms, max_rows):
+    """Serve a saved defense (or target) as an ML API: predict, model card, health; OpenAPI docs at /docs."""
+    from toolkit.serve.server import serve
+
+    serve(artifact, host=host, port=port, keys_path=None if open_access else keys_path, output=output,
+          max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows)
+
+
+@main.group("keys")
+def keys_group():
+    """API keys of mtk serve: add (with a query budget and rate limit), list, revoke."""
+
+
+def _keys_db(func):
+    return click.option("--db", "db", default="runs/keys.sqlite", show_default=True,
+                        help="SQLite key database.")(func)
+
+
+@keys_group.command("add")
+@click.option("--budget", type=int, required=True, help="Queries (images) this key may spend in total.")
+@click.option("--rate", type=float, default=None, help="Queries per second at most (default: unlimited).")
+@click.option("--name", default=None, help="Who the key is for.")
+@_keys_db
+def keys_add(budget, rate, name, db):
+    """Create a key; its secret is printed once and stored only as a hash."""
+    from toolkit.serve.keys import KeyStore
+
+    pathlib.Path(db).parent.mkdir(parents=True, exist_ok=True)
+    key_id, secret = KeyStore(db).add(budget, rate, name)
+    click.echo(f"{secret}")
+    click.echo(f"key {key_id}: budget {budget} queries" + (f", {rate:g} queries/s" if rate else "")
+               + " (the line above is the secret: it is not stored)", err=True)
+
+
+@keys_group.command("list")
+@_keys_db
+@_common
+def keys_list(db, verbose, as_json):
+    """Keys with budget, queries used, rate and state (never the secrets)."""
+    from toolkit.serve.keys import KeyStore
+
+    rows = KeyStore(db).list()
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['name'] or '-':12}  used {r['used']}/{r['budget']}  rate "
+                   f"{r['rate'] if r['rate'] else 'unlimited'}  {'REVOKED' if r['revoked'] else 'active'}")
+
+
+@keys_group.command("revoke")
+@click.argument("key_id")
+@_keys_db
+def keys_revoke(key_id, db):
+    """Revoke a key by id: its requests get 403 from then on."""
+    from toolkit.serve.keys import KeyStore
+
+    KeyStore(db).revoke(key_id)
+    click.echo(f"key {key_id} revoked")
 
 
 def _print_card(card, as_json, verbose):

@@ -56,17 +56,28 @@ def shrink_for_dry_run(spec, budget):
     return spec
 
 
-def extract(spec, out=None, data_root=None, force=False, dry_run=False):
-    """Runs (or resumes) the attack in ``spec`` (dict or path); writes the clone and ``result.json``; returns it."""
+def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=None):
+    """Runs (or resumes) the attack in ``spec`` (dict or path); writes the clone and ``result.json``; returns it.
+
+    The victim is an artifact folder, or the URL of a live ``mtk serve`` endpoint (``api_key``, else
+    ``$MTK_API_KEY``): then every query also spends the key's budget on the server, and the victim-side figures
+    (its test accuracy, the clone's fidelity) are not measured, as they would cost the attacker queries.
+    """
+    import os
+
     import keras
 
     spec = load_spec(spec, kind="threat")
-    if str(spec["victim"]).startswith(("http://", "https://")):
-        raise UserError("http victims need the serving extra (mtk serve); not available in this version")
     if spec["attack"] == "dfme" and spec["oracle"]["output"] != "soft":
         raise UserError("$.oracle.output: dfme learns from probabilities and needs a 'soft' API; dfms-hl is the "
                         "hard-label attack")
-    victim = load_deployable(spec["victim"])
+    remote = str(spec["victim"]).startswith(("http://", "https://"))
+    if remote:
+        from toolkit.serve.client import RemoteVictim
+
+        victim = RemoteVictim(spec["victim"], api_key or os.environ.get("MTK_API_KEY"))
+    else:
+        victim = load_deployable(spec["victim"])
     card = victim.card
     if spec["attack"] == "dfme":
         from toolkit.attacks.dfme import resolve
@@ -125,15 +136,16 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False):
         "clone_architecture": spec["clone"]["architecture"], "oracle": spec["oracle"], "budget": spec["budget"],
         "queries_used": oracle.queries_used, "seed": spec["seed"], "dry_run": dry_run,
         "clone_test_acc": accuracy(predict_clone, test),
-        "fidelity": agreement(predict_clone, victim.predict_proba, test.x),
-        "victim_test_acc": accuracy(victim.predict_proba, test),
+        "fidelity": None if remote else agreement(predict_clone, victim.predict_proba, test.x),
+        "victim_test_acc": None if remote else accuracy(victim.predict_proba, test),
         "curve": curve, "wall_seconds": round(elapsed, 1),
         "spec": spec, "spec_hash": spec_hash(spec), "versions": artifacts.versions(), "created": artifacts.now(),
     }
     artifacts.save_model(folder, clone, "clone.keras")
     atomic_write_json(folder / "result.json", result)
     _write_seconds(folder, elapsed)
-    progress.log(f"[{spec['name']}] clone test acc {result['clone_test_acc']:.4f}, fidelity {result['fidelity']:.4f}, "
+    fidelity = "not measured" if result["fidelity"] is None else f"{result['fidelity']:.4f}"
+    progress.log(f"[{spec['name']}] clone test acc {result['clone_test_acc']:.4f}, fidelity {fidelity}, "
                  f"{oracle.queries_used} queries -> {folder}")
     return result
 

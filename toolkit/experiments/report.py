@@ -163,8 +163,8 @@ def write_extraction(run_folders, out, command):
         paper = f"{r['paper_clone_acc']:.2f}" if r["paper_clone_acc"] is not None else ""
         victim = f"{r['victim']} ({r['victim_kind']})" + (" dry run" if r["dry_run"] else "")
         lines.append(f"| {r['dataset']} | {r['attack']} | {r['setting']} | {victim} | {r['output']} | {r['clone']} | "
-                     f"{r['queries_used']:,} | {100 * r['victim_test_acc']:.2f} | {100 * r['clone_test_acc']:.2f} | "
-                     f"{100 * r['fidelity']:.2f} | {paper} | {r['wall_seconds'] / 60:.0f} min |")
+                     f"{r['queries_used']:,} | {_pct(r['victim_test_acc'])} | {100 * r['clone_test_acc']:.2f} | "
+                     f"{_pct(r['fidelity'])} | {paper} | {r['wall_seconds'] / 60:.0f} min |")
     plotted = _plot_curves(rows, out.with_suffix(".png"))
     if plotted:
         lines += ["", f"Accuracy-vs-queries curves: `{out.with_suffix('.png').name}`."]
@@ -227,12 +227,13 @@ def experiment_rows(records):
     rows = []
     for (dataset, attack, preset, budget, output, method, victim, kind, clone), results in sorted(groups.items()):
         acc_m, acc_s = _mean_std([100 * r["clone_test_acc"] for r in results])
-        fid_m, fid_s = _mean_std([100 * r["fidelity"] for r in results])
+        measured = [100 * r["fidelity"] for r in results if r["fidelity"] is not None]  # None: a remote victim
+        fid_m, fid_s = _mean_std(measured) if measured else (None, None)
         paper = paper_clone(attack, dataset, method, clone)
         rows.append({"dataset": dataset, "attack": attack, "preset": preset, "budget": budget, "output": output,
                      "method": method, "victim": victim, "victim_kind": kind, "clone": clone, "seeds": len(results),
                      "clone_acc_mean": acc_m, "clone_acc_std": acc_s, "fidelity_mean": fid_m, "fidelity_std": fid_s,
-                     "victim_acc": 100 * results[0]["victim_test_acc"],
+                     "victim_acc": None if results[0]["victim_test_acc"] is None else 100 * results[0]["victim_test_acc"],
                      "queries_used": max(r["queries_used"] for r in results),
                      "paper_clone_acc": paper[0] if paper else None,
                      "paper_clone_std": paper[1] if paper else None,
@@ -262,6 +263,10 @@ def experiment_utility(records, defense_folders=()):
                      "agreement_with_target": 100 * metrics.get("test_agreement_with_target", 1.0),
                      "paper_test_acc": PAPER_UTILITY.get(dataset) if method == "misleader" else None})
     return rows
+
+
+def _pct(value):
+    return "" if value is None else f"{100 * value:.2f}"
 
 
 def _fmt(mean, std, n=None):
@@ -317,8 +322,10 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
                   "| wall (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['dataset']} | {r['attack']} | {r['preset']} | {r['budget']:,} | {r['method']} "
-                         f"({r['victim']}) | {r['clone']} | {r['seeds']} | {_fmt(r['fidelity_mean'], r['fidelity_std'])}"
-                         f" | {r['victim_acc']:.2f} | {r['queries_used']:,} | {r['wall_minutes']:.0f} min |")
+                         f"({r['victim']}) | {r['clone']} | {r['seeds']} | "
+                         f"{'' if r['fidelity_mean'] is None else _fmt(r['fidelity_mean'], r['fidelity_std'])}"
+                         f" | {'' if r['victim_acc'] is None else format(r['victim_acc'], '.2f')} | "
+                         f"{r['queries_used']:,} | {r['wall_minutes']:.0f} min |")
         lines.append("")
     if utility:
         lines += ["## Utility (Table 2 analogue)", "",

@@ -1,0 +1,1 @@
+"""Serving a deployable as an ML API (``mtk serve``) and attacking a live one (``RemoteVictim``)."""
