@@ -330,12 +330,13 @@ def utility_cmd(defenses, out, verbose, as_json):
 @click.option("--max-wait-ms", type=float, default=5.0, show_default=True,
               help="How long a request may wait for others to share its model call.")
 @click.option("--max-rows", type=int, default=1024, show_default=True, help="Images per request at most.")
-def serve_cmd(artifact, host, port, keys_path, open_access, output, max_batch, max_wait_ms, max_rows):
+@click.option("--threads", type=int, default=1, show_default=True, help="Torch threads for the model.")
+def serve_cmd(artifact, host, port, keys_path, open_access, output, max_batch, max_wait_ms, max_rows, threads):
     """Serve a saved defense (or target) as an ML API: predict, model card, health; OpenAPI docs at /docs."""
     from toolkit.serve.server import serve
 
     serve(artifact, host=host, port=port, keys_path=None if open_access else keys_path, output=output,
-          max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows)
+          max_batch=max_batch, max_wait_ms=max_wait_ms, max_rows=max_rows, threads=threads)
 
 
 @main.group("keys")

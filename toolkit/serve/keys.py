@@ -39,6 +39,7 @@ class KeyStore:
             pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a server crash, no fsync per query
             self._db.executescript(_SCHEMA)
         except sqlite3.Error as exc:
             raise UserError(f"{self.path}: cannot open the key database ({exc})") from None
@@ -74,7 +75,8 @@ class KeyStore:
 
     def reserve(self, key_id, queries):
         """Atomically spends ``queries`` of the key's budget; False (nothing spent) when they do not fit."""
-        with self._lock:
+        with self._lock, self._db:  # one transaction: the spend and its audit row land together
+            self._db.execute("BEGIN IMMEDIATE")
             ok = self._db.execute("UPDATE keys SET used = used + ? WHERE id = ? AND revoked = 0 AND used + ? <= budget",
                                   (queries, key_id, queries)).rowcount == 1
             if ok:

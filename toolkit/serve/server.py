@@ -3,7 +3,12 @@
 from toolkit.errors import UserError
 
 
-def serve(artifact, host="127.0.0.1", port=8000, keys_path=None, **options):
+def serve(artifact, host="127.0.0.1", port=8000, keys_path=None, threads=1, **options):
+    """Serves ``artifact``; ``threads`` torch threads for the model (1: small batches gain nothing from more on a
+    few cores, and idle OpenMP workers spinning beside the event loop cost it throughput)."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
     try:
         import uvicorn
     except ImportError:
