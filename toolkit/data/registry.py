@@ -203,7 +203,8 @@ def images_like(config, input_shape, data_root=None, splits=("train",), size=Non
     """uint8 NCHW images from a registry dataset (default: synthetic shapes) converted to ``input_shape``
     (C, H, W): attacker proxy sets and defenders' OOD sets. ``what`` names the spec field in errors."""
     channels, side = int(input_shape[0]), int(input_shape[1])
-    config = {"channels": channels, "image_size": side, **(config or {"name": "shapes", "val_size": 0})}
+    synthetic = {"name": "shapes", "val_size": 0, "count": max(1000, size or 50000)}  # generate only what is used
+    config = {"channels": channels, "image_size": side, **(config or synthetic)}
     data = load_dataset(config, data_root)
     if data.input_shape != tuple(input_shape):
         raise UserError(f"{what}: dataset '{data.name}' gives images {data.input_shape}, the model takes "

@@ -33,7 +33,9 @@ class OODBatches:
     """Endless batches of out-of-distribution images (float, on the training device), reproducible per step."""
 
     def __init__(self, spec, input_shape, data_root, batch_size, dry_run=False):
-        size = 512 if dry_run else 20000
+        cfg = spec["train"]
+        used = batch_size * (cfg["steps_per_epoch"] or 10**9) * cfg["epochs"]  # more than training draws is waste
+        size = 512 if dry_run else min(20000, used)
         self.x = torch.as_tensor(images_like(spec["ood"], input_shape, data_root, ("train",), size, spec["seed"],
                                              what="$.ood"))
         self.batch_size, self.seed, self.step = batch_size, spec["seed"], 0
