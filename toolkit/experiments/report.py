@@ -256,7 +256,9 @@ def experiment_utility(records, defense_folders=()):
             key = (card["dataset"]["name"], victim_method(card.get("kind"), card.get("method")), card.get("name"))
             seen.setdefault(key, (card.get("kind"), card.get("metrics", {})))
     rows = []
-    for (dataset, method, name), (kind, metrics) in sorted(seen.items()):
+    order = {"undefended": 0, "misleader": 2}
+    for (dataset, method, name), (kind, metrics) in sorted(seen.items(), key=lambda kv: (
+            kv[0][0], order.get(kv[0][1], 1), kv[0][1], kv[0][2])):
         rows.append({"dataset": dataset, "method": method, "victim": name, "victim_kind": kind,
                      "val_acc": 100 * metrics["val_acc"] if "val_acc" in metrics else None,
                      "test_acc": 100 * metrics["test_acc"] if "test_acc" in metrics else None,
