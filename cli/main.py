@@ -381,6 +381,25 @@ def keys_list(db, verbose, as_json):
                    f"{r['rate'] if r['rate'] else 'unlimited'}  {'REVOKED' if r['revoked'] else 'active'}")
 
 
+@keys_group.command("usage")
+@click.argument("key_id", required=False)
+@_keys_db
+@_common
+def keys_usage(key_id, db, verbose, as_json):
+    """The audit log: queries and requests per key and minute (inputs are never stored)."""
+    import datetime
+
+    from toolkit.serve.keys import KeyStore
+
+    rows = KeyStore(db).usage(key_id)
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    for r in rows:
+        when = datetime.datetime.fromtimestamp(r["window"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{r['key_id']}  {when} UTC  {r['queries']} queries in {r['requests']} requests")
+
+
 @keys_group.command("revoke")
 @click.argument("key_id")
 @_keys_db

@@ -203,6 +203,8 @@ def test_hard_label_deployment_and_cli_keys(mnist_victim, tmp_path):
     with Server(create_app(load_deployable(mnist_victim), KeyStore(db), output="hard")) as server:
         r = _post(server, secret, {"inputs": _images(3).tolist()})
         assert r.status_code == 200 and "probabilities" not in r.json() and len(r.json()["labels"]) == 3
+    usage = json.loads(CliRunner().invoke(main, ["keys", "usage", "--db", str(db), "--json"]).output)
+    assert usage[0]["queries"] == 3 and usage[0]["requests"] == 1
     revoked = CliRunner().invoke(main, ["keys", "revoke", listed[0]["id"], "--db", str(db)])
     assert revoked.exit_code == 0 and KeyStore(db).list()[0]["revoked"] == 1
     assert CliRunner().invoke(main, ["keys", "revoke", "nope", "--db", str(db)]).exit_code == 2
