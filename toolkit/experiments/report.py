@@ -402,6 +402,7 @@ def _plot_budget(records, path):
     panels = budget_curves(records)
     if plt is None or not panels:
         return False
+    import matplotlib.ticker
     keys = sorted(panels)
     cols = min(3, len(keys))
     rows = (len(keys) + cols - 1) // cols
@@ -414,6 +415,7 @@ def _plot_budget(records, path):
         ax.set_xlabel("victim queries")
         ax.set_ylabel("clone test acc (%)")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on short ranges
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
