@@ -297,7 +297,7 @@ def report_cmd(spec, out, verbose, as_json):
 
     rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"],
                                    defense_folders=[victim_name(d) for d in loaded["defenses"]],
-                                   cells=len(expand(loaded, spec)))
+                                   cells=len(expand(loaded, spec)), clone_order=loaded["clones"])
     click.echo(json.dumps(rows) if as_json else pathlib.Path(out).with_suffix(".md").read_text())
 
 

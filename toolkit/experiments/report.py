@@ -275,7 +275,7 @@ def _fmt(mean, std, n=None):
     return f"{mean:.2f} ± {std:.2f}" + (f" [{n}]" if n is not None else "")
 
 
-def write_experiment_report(store, out, command, title, defense_folders=(), cells=None):
+def write_experiment_report(store, out, command, title, defense_folders=(), cells=None, clone_order=()):
     """<out>.md, .csv, .json (the paper's layouts: defenses as rows, clone architectures as columns, Table 2 utility)
     plus <out>-budget.png (clone accuracy vs queries per defense, Fig. 3) and <out>-matrix.png (attacker x
     single-member defense architecture, Fig. 2) when the store has such cells."""
@@ -300,7 +300,8 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
              "its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of the "
              "paper's architecture. Each table names its attack preset, API and budget.", ""]
     for (dataset, attack, preset, budget, output), group in _by_table(rows):
-        clones = list(dict.fromkeys(r["clone"] for r in group))
+        clones = sorted(dict.fromkeys(r["clone"] for r in group),
+                        key=lambda c: list(clone_order).index(c) if c in clone_order else len(clone_order))
         lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries", "",
                   "| defense (victim) | " + " | ".join(clones) + " |", "|---|" + "---|" * len(clones)]
         for (method, victim, kind), vrows in _by_victim(group):
