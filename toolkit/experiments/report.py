@@ -105,11 +105,11 @@ def victim_method(kind, method=None):
 
 def paper_clone(attack, dataset, method, clone):
     """(mean, std, exact) of the paper's clone accuracy for this cell, or None; exact False for a reduced arch."""
-    for arch, exact in ((clone, True), (PAPER_ARCH.get(clone), False), (None, True)):
-        if arch is not None or exact:
-            hit = PAPER_CLONE.get((attack, dataset, method, arch))
-            if hit:
-                return hit[0], hit[1], exact
+    candidates = [(clone, True)] + ([(PAPER_ARCH[clone], False)] if clone in PAPER_ARCH else []) + [(None, True)]
+    for arch, exact in candidates:  # the exact clone, its full-size original, then a per-dataset figure
+        hit = PAPER_CLONE.get((attack, dataset, method, arch))
+        if hit:
+            return hit[0], hit[1], exact
     return None
 
 
