@@ -158,8 +158,9 @@ def test_perturbation_defenses_save_load_and_answer_through_the_card(mnist_victi
         a, b = victim.predict_proba(x), load_deployable(tmp_path / method).predict_proba(x)
         assert torch.allclose(a, b, atol=1e-6)  # deterministic methods: the reload answers identically
         target = load_deployable(mnist_victim).predict_proba(x)
-        assert ((a - target).abs().sum(1) <= 1.0 + 1e-5).all() or post
-        if post:
+        if not post:  # a topk postprocessor renormalises after the perturbation: its own check below
+            assert ((a - target).abs().sum(1) <= 1.0 + 1e-5).all()
+        else:
             assert ((a > 0).sum(1) <= 3).all()
         if variant == "argmax":
             assert card["metrics"]["test_agreement_with_target"] == 1.0

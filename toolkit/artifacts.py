@@ -145,6 +145,15 @@ def save_model(folder, model, filename="model.keras"):
     return filename
 
 
+def copy_model_file(src_folder, card, dst_folder):
+    """Copies the model file a card names into another artifact folder; returns its file name."""
+    import shutil
+
+    filename = card["deployable"]["file"]
+    shutil.copyfile(pathlib.Path(src_folder) / filename, pathlib.Path(dst_folder) / filename)
+    return filename
+
+
 def write_card(folder, card):
     atomic_write_json(pathlib.Path(folder) / CARD, card)
 

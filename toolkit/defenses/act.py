@@ -56,7 +56,7 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
             out = out - cfg["alpha"] * -(clean * torch.log_softmax(marked(fake, True), dim=1)).sum(1).mean()
         return out
 
-    deployable = ACTDeployable(model, mark, cfg["scale"], {"dataset": {"num_classes": data.num_classes}})
+    deployable = ACTDeployable(model, mark, cfg["scale"], trained.training_card(data))
     variables = list(model.trainable_variables) + list(mark.trainable_variables)
     trained.train(folder, "act", spec, data, model, loss, dry_run, force, variables=variables,
                   extra_models={"watermark": mark}, predict=deployable.predict_proba, config=cfg)

@@ -142,7 +142,6 @@ def finish_defense(folder, spec, digest, target_folder, target_card, data, teach
 
 
 def _deploy_undefended(folder, spec, digest, target_folder, target_card, data, teacher_predict):
-    filename = target_card["deployable"]["file"]
-    shutil.copyfile(target_folder / filename, folder / filename)
+    filename = artifacts.copy_model_file(target_folder, target_card, folder)
     return finish_defense(folder, spec, digest, target_folder, target_card, data, teacher_predict,
                           {"type": "model", "file": filename})

@@ -59,7 +59,7 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
         pseudo = ood_exits[0].argmax(1).detach()
         return total + sum(torch.nn.functional.cross_entropy(e, pseudo) + w * trained.entropy(e) for e in ood_exits)
 
-    deployable = DNFDeployable(model, thresholds, {"dataset": {"num_classes": data.num_classes}})
+    deployable = DNFDeployable(model, thresholds, trained.training_card(data))
     trained.train(folder, "dnf", spec, data, model, loss, dry_run, force, predict=deployable.predict_proba,
                   config=cfg)
     return {"type": "dnf", "file": save_model(folder, model, "dnf.keras"), "thresholds": thresholds}, {}

@@ -56,7 +56,7 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
         return ce + cfg["diversity_weight"] * coherence(probs)
 
     key = spec["seed"] + 104729
-    deployable = EDMDeployable(members, key, {"dataset": {"num_classes": data.num_classes}})
+    deployable = EDMDeployable(members, key, trained.training_card(data))
     trained.train(folder, "edm", spec, data, members[0], loss, dry_run, force, variables=variables,
                   extra_models={f"member_{i}": m for i, m in enumerate(members[1:], 1)},
                   predict=deployable.predict_proba, config=cfg)

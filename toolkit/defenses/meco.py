@@ -60,7 +60,7 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
         return (torch.nn.functional.cross_entropy(forward(model, x, True), y)
                 + torch.nn.functional.cross_entropy(out_p, y) + cfg["l1_weight"] * (out_p - out_z).abs().mean())
 
-    deployable = MeCoDeployable(model, cfg, {"dataset": {"num_classes": data.num_classes}}, seed=spec["seed"])
+    deployable = MeCoDeployable(model, cfg, trained.training_card(data), seed=spec["seed"])
     trained.train(folder, "meco", spec, data, model, loss, dry_run, force, predict=deployable.predict_proba,
                   config=cfg)
     return {"type": "meco", "file": save_model(folder, model, "meco.keras"), "scale": cfg["scale"],

@@ -194,10 +194,9 @@ METHODS = ("randp", "p-poison", "grad")
 def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False, force=False, data_root=None):
     """Deploys an output-perturbation defense: the target's weights plus, for p-poison and grad, a surrogate
     (random initialisation for p-poison; grad distils it from the target on the transfer set). -> (entry, extra)."""
-    import shutil
+    from toolkit.artifacts import copy_model_file
 
-    filename = target_card["deployable"]["file"]
-    shutil.copyfile(pathlib.Path(target_folder) / filename, pathlib.Path(folder) / filename)
+    filename = copy_model_file(target_folder, target_card, folder)
     cfg = spec["perturbation"]
     entry = {"type": "perturbation", "method": spec["method"], "file": filename, "epsilon": cfg["epsilon"],
              "variant": cfg["variant"], "seed": spec["seed"]}

@@ -46,6 +46,11 @@ class OODBatches:
         return to_float_tensor(self.x[torch.as_tensor(rng.integers(0, len(self.x), self.batch_size))])
 
 
+def training_card(data):
+    """The card a deployable needs while its defense is still training (validation answers go through it)."""
+    return {"dataset": {"num_classes": data.num_classes}}
+
+
 def entropy(logits):
     """Mean Shannon entropy (nats) of softmax(logits) over the batch."""
     log_p = torch.log_softmax(logits, dim=1)
