@@ -157,3 +157,25 @@ def test_entries_name_targets_defenses_and_single_members(tmp_path, monkeypatch)
     runner.run_experiment(spec)
     assert built == [("target", "specs/targets/mnist-lenet5.json"), ("defense", "specs/mnist-misleader.json", None),
                      ("defense", "specs/mnist-misleader.json", ["lenet5"])]
+
+
+def test_sequential_run_builds_each_defense_just_before_its_first_cell(tmp_path, monkeypatch):
+    """A long local grid records the undefended rows before a later defense starts training (each built once)."""
+    from toolkit.experiments import runner
+    from toolkit.schemas import load_spec
+
+    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    events = []
+    monkeypatch.setattr("toolkit.training.target.train_target", lambda spec, **k: events.append(("build", spec)))
+    monkeypatch.setattr("toolkit.defenses.defend", lambda spec, **k: events.append(("build", spec)))
+    monkeypatch.setattr(runner, "run_cell", lambda threat, folder, data_root=None: events.append(
+        ("attack", threat["victim"], threat["seed"])) or {"queries_used": 1, "wall_seconds": 1.0})
+    monkeypatch.setattr(runner, "results_root", lambda s: tmp_path / "results" / s["name"])
+    spec = load_spec({"kind": "experiment", "name": "lazy", "defenses": [
+        "specs/targets/mnist-lenet5.json", "specs/mnist-misleader.json"],
+        "threats": ["specs/threats/mnist-knockoff.json"], "seeds": [0, 1]}, kind="experiment")
+    runner.run_experiment(spec)
+    assert events == [("build", "specs/targets/mnist-lenet5.json"), ("attack", "runs/targets/mnist-lenet5", 0),
+                      ("build", "specs/mnist-misleader.json"), ("attack", "runs/defenses/mnist-misleader", 0),
+                      ("attack", "runs/targets/mnist-lenet5", 1), ("attack", "runs/defenses/mnist-misleader", 1)]
+    assert len(list((tmp_path / "results" / "lazy" / "records").glob("*.json"))) == 4

@@ -1,4 +1,7 @@
-"""``mtk run``: build what an experiment's cells need (defenses, once), then attack every cell not yet recorded.
+"""``mtk run``: build what an experiment's cells need (each defense once), then attack every cell not yet recorded.
+
+Run cell by cell (the local default), a defense is built just before its first cell, so a grid's first rows land
+before its later defenses train; a process pool or Ray builds them all first.
 
 Executors: ``local`` (this process, or a small process pool) and ``ray`` (one Ray task per cell with the CPU/GPU
 share the spec asks for). Every executor runs the same ``run_cell`` and the driver alone writes records, so the store
@@ -27,24 +30,29 @@ def run_cell(threat_spec, folder, data_root=None):
 
 
 def prepare_defenses(spec, data_root=None):
-    """Builds every target, defense or single defense member given as a spec file (skipped when already built);
-    checks that artifact folders exist."""
+    """Builds every target, defense or single defense member the grid names (each skipped when already built)."""
+    for entry in spec["defenses"]:
+        prepare_defense(entry, data_root)
+
+
+def prepare_defense(entry, data_root=None):
+    """Builds one ``defenses`` entry given as a spec file (skipped when already built); checks that an artifact
+    folder exists."""
     from toolkit.defenses import defend
     from toolkit.experiments.grid import split_entry
     from toolkit.schemas import read_json
     from toolkit.training.target import train_target
 
-    for entry in spec["defenses"]:
-        path, member = split_entry(entry)
-        if path.suffix != ".json":
-            if not (path / "card.json").exists():
-                raise UserError(f"$.defenses: {entry}: not an artifact folder (no card.json) and not a spec")
-        elif not path.exists():
-            raise UserError(f"$.defenses: {path}: file not found")
-        elif read_json(path).get("kind") == "target":
-            train_target(str(path), data_root=data_root)
-        else:
-            defend(str(path), data_root=data_root, only_members=[member] if member else None)
+    path, member = split_entry(entry)
+    if path.suffix != ".json":
+        if not (path / "card.json").exists():
+            raise UserError(f"$.defenses: {entry}: not an artifact folder (no card.json) and not a spec")
+    elif not path.exists():
+        raise UserError(f"$.defenses: {path}: file not found")
+    elif read_json(path).get("kind") == "target":
+        train_target(str(path), data_root=data_root)
+    else:
+        defend(str(path), data_root=data_root, only_members=[member] if member else None)
 
 
 def status(spec, store=None):
@@ -74,20 +82,26 @@ def run_experiment(spec, data_root=None, executor=None, address=None, workers=No
     order = lambda c: (spec["seeds"].index(c["seed"]), spec["threats"].index(c["threat"]))  # noqa: E731
     todo = sorted((c for c in cells if not store.done(c["id"])), key=order)
     progress.log(f"[{spec['name']}] {len(cells)} cells, {len(cells) - len(todo)} recorded, {len(todo)} to run")
-    if todo or not spec["threats"]:  # no threats: the experiment builds its defenses (a utility table) only
-        prepare_defenses(spec, data_root)
-    if not todo:
-        return store
     ex = dict(spec["executor"])
     ex["name"] = executor or ex["name"]
     ex["workers"] = workers or ex["workers"]
+    sequential = ex["name"] == "local" and ex["workers"] == 1
+    if not spec["threats"] or (todo and not sequential):
+        # no threats: the experiment builds its defenses (a utility table) only; parallel workers need all of them
+        prepare_defenses(spec, data_root)
+    if not todo:
+        return store
     start = time.time()
     if ex["name"] == "ray":
         _run_ray(spec, todo, store, ex, address, data_root)
     elif ex["workers"] > 1:
         _run_pool(spec, todo, store, ex["workers"], data_root)
     else:
+        built = set()
         for i, cell in enumerate(todo):
+            if cell["defense"] not in built:  # built before its first cell: early rows land before later defenses train
+                prepare_defense(cell["defense"], data_root)
+                built.add(cell["defense"])
             progress.log(f"[{spec['name']}] cell {i + 1}/{len(todo)} {cell['id']}: {cell['attack']} on "
                          f"{cell['defense']} clone {cell['clone']} budget {cell['budget']} seed {cell['seed']}")
             result = run_cell(cell["threat_spec"], run_folder(spec, cell), data_root)
