@@ -13,7 +13,7 @@ export MTK_DATA=${MTK_DATA:-$(realpath ../shared/data)}
 GRIDS=("$@")
 if [ ${#GRIDS[@]} -eq 0 ]; then
   GRIDS=(cpu-table2-mnist cpu-table4-mnist-2m cpu-table5-mnist cpu-table4-mnist cpu-baselines-mnist cpu-fig2-mnist
-         cpu-fig3-mnist cpu-table1-cifar10 cpu-table5-cifar10)
+         cpu-fig3-mnist cpu-table5-cifar10 cpu-table2-cifar10 cpu-table1-cifar10)
 fi
 for name in "${GRIDS[@]}"; do
   $MTK run "specs/experiments/$name.json"
