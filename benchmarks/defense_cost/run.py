@@ -1,6 +1,6 @@
 """Per-query cost of every built MNIST defense relative to the undefended target, at batch 1 and batch 256.
 
-    .venv/bin/python benchmarks/defense_cost/run.py      (after the defenses are built: mtk run specs/experiments/cpu-table2.json)
+    .venv/bin/python benchmarks/defense_cost/run.py      (after the defenses are built: mtk run specs/experiments/cpu-table2-mnist.json)
 
 Times ``predict_proba`` (the call every attack and the server make) on random 32x32 MNIST-shaped inputs: median of
 repeated timings after warm-up. Writes results/defense_cost.json and .md. Folders not built yet are listed as missing.
