@@ -274,7 +274,8 @@ def status_cmd(spec, verbose, as_json):
         click.echo(json.dumps(state))
         return
     eta = "" if state["eta_seconds"] is None else f", ETA {state['eta_seconds'] / 60:.0f} min"
-    click.echo(f"{state['done']} done, {state['started']} started, {state['left']} left of {state['cells']}{eta}")
+    click.echo(f"{state['done']} done, {state['started']} started, {state['left']} left of {state['cells']} cells{eta}; "
+               f"{state['defenses_built']} of {state['defenses']} defenses built")
 
 
 @main.command("report")

@@ -179,3 +179,28 @@ def test_sequential_run_builds_each_defense_just_before_its_first_cell(tmp_path,
                       ("build", "specs/mnist-misleader.json"), ("attack", "runs/defenses/mnist-misleader", 0),
                       ("attack", "runs/targets/mnist-lenet5", 1), ("attack", "runs/defenses/mnist-misleader", 1)]
     assert len(list((tmp_path / "results" / "lazy" / "records").glob("*.json"))) == 4
+
+
+def test_status_costs_each_cell_left_by_its_own_threat(tmp_path, monkeypatch):
+    """A grid mixing a 1-minute attack and a 1-hour one: the ETA prices each cell left by finished cells like it."""
+    from toolkit.experiments import runner
+    from toolkit.experiments.grid import expand
+    from toolkit.experiments.store import ResultsStore
+    from toolkit.schemas import load_spec
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec({"kind": "experiment", "name": "eta", "defenses": [str(repo / "specs/targets/mnist-lenet5.json")],
+                      "threats": [str(repo / "specs/threats/mnist-knockoff.json"),
+                                  str(repo / "specs/threats/mnist-dfme.json")], "seeds": [0, 1, 2]}, kind="experiment")
+    store = ResultsStore(runner.results_root(spec))
+    for cell in expand(spec):
+        if cell["seed"] == 0:
+            store.put(cell, {"wall_seconds": 60.0 if cell["attack"] == "knockoff" else 3600.0}, "x")
+    state = runner.status(spec)
+    assert (state["done"], state["left"], state["cells"]) == (2, 4, 6)
+    assert state["eta_seconds"] == 2 * 60.0 + 2 * 3600.0
+    assert (state["defenses"], state["defenses_built"]) == (1, 0)
+    (tmp_path / "runs" / "targets" / "mnist-lenet5").mkdir(parents=True)
+    (tmp_path / "runs" / "targets" / "mnist-lenet5" / "card.json").write_text("{}")
+    assert runner.status(spec)["defenses_built"] == 1
