@@ -284,6 +284,7 @@ def status_cmd(spec, verbose, as_json):
 @_common
 def report_cmd(spec, out, verbose, as_json):
     """Paper-style tables (md, csv, json) and curves from an experiment's results store."""
+    from toolkit.experiments.grid import expand, victim_name
     from toolkit.experiments.report import write_experiment_report
     from toolkit.experiments.runner import results_root
     from toolkit.experiments.store import ResultsStore
@@ -292,13 +293,9 @@ def report_cmd(spec, out, verbose, as_json):
     loaded = load_spec(spec, kind="experiment")
     store = ResultsStore(results_root(loaded))
     out = out or str(results_root(loaded) / "report")
-    from toolkit.experiments.grid import victim_name
-
-    from toolkit.experiments.grid import expand
-
     rows = write_experiment_report(store, out, f"mtk report {spec}", loaded["description"] or loaded["name"],
                                    defense_folders=[victim_name(d) for d in loaded["defenses"]],
-                                   cells=len(expand(loaded, spec)), clone_order=loaded["clones"])
+                                   cell_ids=[c["id"] for c in expand(loaded, spec)], clone_order=loaded["clones"])
     click.echo(json.dumps(rows) if as_json else pathlib.Path(out).with_suffix(".md").read_text())
 
 

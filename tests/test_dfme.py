@@ -40,3 +40,28 @@ def test_dfme_spends_whole_iterations_within_budget(tmp_path, cli_env):
     assert out["queries_used"] == (5000 // cost) * cost
     record = json.loads((tmp_path / "run" / "result.json").read_text())
     assert record["curve"][-1]["queries"] == out["queries_used"] and 0 <= out["clone_test_acc"] <= 1
+
+
+def test_schedule_budget_makes_a_short_run_the_start_of_the_paper_budget_run():
+    """budget 300k with schedule_budget 2M follows the 2M run's learning rates step for step (a truncated paper run);
+    without it the whole schedule is squeezed into 300k queries and its rates drop far earlier."""
+    from types import SimpleNamespace
+
+    from toolkit.attacks.dfme import DFMEAttack
+    from toolkit.models.generators import dfme_generator
+    from toolkit.models.registry import build_model
+    from toolkit.schemas import load_spec
+
+    cfg = resolve(load_spec({"kind": "threat", "attack": "dfme", "victim": "v", "budget": 1})["dfme"], "canonical")
+    clone, generator = build_model("lenet5_fifth", (1, 32, 32), 10), dfme_generator(8, (1, 32, 32), ngf=8)
+
+    def rates(budget, schedule_budget=None):
+        attack = DFMEAttack(SimpleNamespace(budget=budget), clone, generator,
+                            {**cfg, "schedule_budget": schedule_budget}, (1, 32, 32))
+        steps = (300_000 // attack.cost) * cfg["d_iter"]
+        return [attack.opt_s.mtk_schedule(s) for s in range(steps)], [attack.opt_g.mtk_schedule(s) for s in range(steps)]
+
+    paper = rates(2_000_000)
+    assert rates(300_000, schedule_budget=2_000_000) == paper
+    squeezed = rates(300_000)
+    assert squeezed != paper and squeezed[0][-1] < paper[0][-1] / 3  # one more 0.3x drop at least by 300k

@@ -52,10 +52,15 @@ def test_grid_runs_records_skips_and_reports(tiny_experiment, tmp_path, monkeypa
     assert CliRunner().invoke(main, ["run", tiny_experiment]).exit_code == 0
     assert len(calls) == 1
 
+    # A record of a cell the edited grid no longer has is left out of the report, and counted.
+    stale = json.loads(records[1].read_text())
+    stale["id"], stale["result"]["clone_test_acc"] = "0" * 12, 0.0
+    (records[1].parent / f"{stale['id']}.json").write_text(json.dumps(stale))
     report = CliRunner().invoke(main, ["report", tiny_experiment])
     assert report.exit_code == 0, report.output
     md = (tmp_path / "results" / "tiny" / "report.md").read_text()
     assert "budget 400 queries" in md and "budget 600 queries" in md and " ± " in md
+    assert "from 4 records of the grid's 4 cells (1 records of cells no longer in the grid left out)" in md
     rows = json.loads((tmp_path / "results" / "tiny" / "report.json").read_text())["rows"]
     assert all(r["seeds"] == 2 for r in rows)
     assert (tmp_path / "results" / "tiny" / "report.csv").exists()

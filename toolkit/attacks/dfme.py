@@ -49,8 +49,9 @@ class DFMEAttack:
         self.check = []
         b, m, d = cfg["batch_size"], cfg["grad_m"], cfg["d_iter"]
         self.cost = b * (cfg["g_iter"] * (m + 1) + d)
-        self.iterations = oracle.budget // self.cost
-        self.epochs = self.iterations // cfg["epoch_itrs"] + 1
+        # The schedule spans schedule_budget's iterations (default: the budget's); a smaller budget truncates the run.
+        schedule_iterations = (cfg.get("schedule_budget") or oracle.budget) // self.cost
+        self.epochs = schedule_iterations // cfg["epoch_itrs"] + 1
         steps = [int(s * self.epochs) for s in cfg["lr_steps"]]
         schedule = {"name": "multistep", "milestones": [max(1, s) for s in steps], "gamma": cfg["lr_scale"]}
         self.opt_s = make_optimizer({"name": "sgd", "lr": cfg["lr_S"], "momentum": cfg["momentum"],

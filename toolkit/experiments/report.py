@@ -275,14 +275,20 @@ def _fmt(mean, std, n=None):
     return f"{mean:.2f} ± {std:.2f}" + (f" [{n}]" if n is not None else "")
 
 
-def write_experiment_report(store, out, command, title, defense_folders=(), cells=None, clone_order=()):
+def write_experiment_report(store, out, command, title, defense_folders=(), cell_ids=None, clone_order=()):
     """<out>.md, .csv, .json (the paper's layouts: defenses as rows, clone architectures as columns, Table 2 utility)
     plus <out>-budget.png (clone accuracy vs queries per defense, Fig. 3) and <out>-matrix.png (attacker x
-    single-member defense architecture, Fig. 2) when the store has such cells."""
+    single-member defense architecture, Fig. 2) when the store has such cells. With ``cell_ids`` (the grid's cells)
+    records of cells the grid no longer has (an edited spec) are left out, and counted."""
     import csv
     import io
 
     records = store.all()
+    stale = 0
+    if cell_ids is not None:
+        wanted = set(cell_ids)
+        stale = sum(r["id"] not in wanted for r in records)
+        records = [r for r in records if r["id"] in wanted]
     rows = experiment_rows(records)
     utility = experiment_utility(records, defense_folders)
     out = pathlib.Path(out)
@@ -294,7 +300,9 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_bytes(out.with_suffix(".csv"), buffer.getvalue().encode())
-    of = f" of the grid's {cells} cells" if cells is not None else ""
+    of = f" of the grid's {len(cell_ids)} cells" if cell_ids is not None else ""
+    if stale:
+        of += f" ({stale} records of cells no longer in the grid left out)"
     lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records{of} in `{store.root}`.", "",
              "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std over "
              "its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of the "
@@ -347,10 +355,14 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
     if _plot_budget(records, budget_png):
         lines.append(f"Clone accuracy vs queries spent, per defense (Fig. 3 analogue, mean over seeds): "
                      f"`{budget_png.name}`.")
+    else:
+        budget_png.unlink(missing_ok=True)  # an earlier report's plot would show records left out now
     matrix_png = out.with_name(out.name + "-matrix.png")
     if _plot_matrix(rows, matrix_png):
         lines.append(f"Attacker architecture x single-member defense architecture (Fig. 2 analogue): "
                      f"`{matrix_png.name}`.")
+    else:
+        matrix_png.unlink(missing_ok=True)
     atomic_write_bytes(out.with_suffix(".md"), ("\n".join(lines) + "\n").encode())
     return rows
 
