@@ -7,7 +7,8 @@ queries of unknown shape); odd batches: CE(f(x + scale w(x)), y). The second ter
 an extraction-style query would be told while clean accuracy is kept.
 Simplified (stated): the official Wasserstein-gradient-flow (SVGD) step on the watermark's outputs is left out, so
 this w is a point estimate. Fixed: the official inference re-initialises the watermark net on every call; here the
-trained watermark is saved and used.
+trained watermark is saved and used. Generated images pass BatchNorm with its running statistics, so they never shape
+the statistics the deployed model normalises real queries with.
 """
 
 import pathlib
@@ -52,8 +53,11 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
                 fake = (torch.tanh(forward(generator, torch.randn(len(x), 100, generator=g), False)) + 1) / 2
                 for v in generator.trainable_variables:  # a moving target: jitter the generator after each use
                     v.value.add_(torch.randn(v.value.shape, generator=g) * cfg["generator_noise"])
-            clean = torch.softmax(forward(model, fake, True), dim=1).detach()
-            out = out - cfg["alpha"] * -(clean * torch.log_softmax(marked(fake, True), dim=1)).sum(1).mean()
+            # Generated images go through BatchNorm with its running statistics (training=False): in training mode
+            # they would pull the statistics the deployed model uses towards generator noise (CIFAR-10 utility fell
+            # from 87 % to 44 %); the loss still back-propagates through them.
+            clean = torch.softmax(forward(model, fake, False), dim=1).detach()
+            out = out - cfg["alpha"] * -(clean * torch.log_softmax(marked(fake, False), dim=1)).sum(1).mean()
         return out
 
     deployable = ACTDeployable(model, mark, cfg["scale"], trained.training_card(data))

@@ -52,7 +52,8 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
     def loss(x, y):
         ce = sum(torch.nn.functional.cross_entropy(forward(m, x, True), y) for m in members)
         x_ood = ood.next()
-        probs = torch.stack([torch.softmax(forward(m, x_ood, True), dim=1) for m in members])
+        # OOD images use BatchNorm's running statistics: they must not shape the statistics the deployed members use
+        probs = torch.stack([torch.softmax(forward(m, x_ood, False), dim=1) for m in members])
         return ce + cfg["diversity_weight"] * coherence(probs)
 
     key = spec["seed"] + 104729

@@ -23,8 +23,11 @@ def build(folder, spec, target_folder, target_card, data, teacher, dry_run=False
     ood = trained.OODBatches(spec, data.input_shape, data_root, spec["train"]["batch_size"], dry_run)
 
     def defender_loss(x, y):
-        logits = forward(defender, x, True)
-        ood_log_p = torch.log_softmax(forward(defender, ood.next(), True), dim=1)
+        # One forward over the clean and outlier images together, as outlier exposure does (Hendrycks et al.; the AM
+        # code): BatchNorm normalises the mixed batch, so outliers are not whitened by statistics of their own.
+        x_ood = ood.next()
+        both = forward(defender, torch.cat([x, x_ood]), True)
+        logits, ood_log_p = both[: len(x)], torch.log_softmax(both[len(x):], dim=1)
         return torch.nn.functional.cross_entropy(logits, y) - cfg["oe_weight"] * ood_log_p.mean()
 
     trained.train(folder, "defender", spec, data, defender, defender_loss, dry_run, force, config=cfg)
