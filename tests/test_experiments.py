@@ -120,13 +120,18 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
                _record(3, "mnist-misleader", "defense", "misleader", "lenet5_half", 0.25, 0)]
     records += [_record(10 + i, m, "member", "member", c, 0.1 * (i + 1), 0)
                 for i, (m, c) in enumerate([(m, c) for m in ("lenet5", "lenet5_half") for c in ("lenet5", "lenet5_half")])]
+    truncated = _record(20, "mnist-lenet5", "target", "undefended", "lenet5", 0.65, 0)  # first 1000 of a 2M schedule
+    truncated["threat_spec"]["dfme"] = {"schedule_budget": 2_000_000}
+    records.append(truncated)
     for r in records:
         store.records.mkdir(parents=True, exist_ok=True)
         (store.records / f"{r['id']}.json").write_text(json.dumps(r))
     rows = write_experiment_report(store, tmp_path / "rep", "mtk report x", "title")
     md = (tmp_path / "rep.md").read_text()
     undefended = next(r for r in rows if r["method"] == "undefended")
-    assert undefended["seeds"] == 2 and abs(undefended["clone_acc_mean"] - 70.0) < 1e-9
+    assert undefended["seeds"] == 2 and abs(undefended["clone_acc_mean"] - 70.0) < 1e-9  # the truncated run apart
+    assert "budget 1,000 queries (the first 1,000 of a 2,000,000-query schedule)" in md
+    assert "| undefended (mnist-lenet5) | 65.00 ± 0.00 [1] |" in md
     assert abs(undefended["clone_acc_std"] - 14.142135623730951) < 1e-6
     assert "| defense (victim) | lenet5 | lenet5_half |" in md  # clones are columns, defenses rows
     assert "| misleader (mnist-misleader) | 30.00 ± 0.00 [1] (paper 11.81 ± 0.64) | 25.00 ± 0.00 [1] (paper 11.80" in md
@@ -134,7 +139,9 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
     assert "## Utility (Table 2 analogue)" in md and "| 98.93 |" in md  # the paper's MISLEADER MNIST utility
     assert (tmp_path / "rep-budget.png").exists() and (tmp_path / "rep-matrix.png").exists()
     curves = budget_curves(store.all())
-    assert curves[("mnist", "dfme", "canonical", "lenet5")]["undefended (mnist-lenet5)"] == [(500, 20.0), (1000, 70.0)]
+    panel = curves[("mnist", "dfme", "canonical", "lenet5")]
+    assert panel["undefended (mnist-lenet5)"] == [(500, 20.0), (1000, 70.0)]
+    assert panel["undefended (mnist-lenet5), 2,000,000-query schedule"] == [(500, 20.0), (1000, 65.0)]
 
 
 def test_entries_name_targets_defenses_and_single_members(tmp_path, monkeypatch):

@@ -221,16 +221,20 @@ def experiment_rows(records):
     for rec in records:
         cell, res = rec["cell"], rec["result"]
         dataset, method, kind, name, _ = _victim_facts(rec)
-        key = (dataset, cell["attack"], cell["preset"], cell["budget"], rec["threat_spec"]["oracle"]["output"],
-               method, name, kind, cell["clone"])
+        # a DFME cell may be the first `budget` queries of a longer schedule (dfme.schedule_budget); 0: its own budget
+        schedule = (rec["threat_spec"].get("dfme") or {}).get("schedule_budget") or 0
+        key = (dataset, cell["attack"], cell["preset"], cell["budget"], schedule,
+               rec["threat_spec"]["oracle"]["output"], method, name, kind, cell["clone"])
         groups.setdefault(key, []).append(res)
     rows = []
-    for (dataset, attack, preset, budget, output, method, victim, kind, clone), results in sorted(groups.items()):
+    for (dataset, attack, preset, budget, schedule, output, method, victim, kind, clone), results in sorted(
+            groups.items()):
         acc_m, acc_s = _mean_std([100 * r["clone_test_acc"] for r in results])
         measured = [100 * r["fidelity"] for r in results if r["fidelity"] is not None]  # None: a remote victim
         fid_m, fid_s = _mean_std(measured) if measured else (None, None)
         paper = paper_clone(attack, dataset, method, clone)
-        rows.append({"dataset": dataset, "attack": attack, "preset": preset, "budget": budget, "output": output,
+        rows.append({"dataset": dataset, "attack": attack, "preset": preset, "budget": budget,
+                     "schedule_budget": schedule or None, "output": output,
                      "method": method, "victim": victim, "victim_kind": kind, "clone": clone, "seeds": len(results),
                      "clone_acc_mean": acc_m, "clone_acc_std": acc_s, "fidelity_mean": fid_m, "fidelity_std": fid_s,
                      "victim_acc": None if results[0]["victim_test_acc"] is None else 100 * results[0]["victim_test_acc"],
@@ -307,10 +311,11 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
              "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std over "
              "its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of the "
              "paper's architecture. Each table names its attack preset, API and budget.", ""]
-    for (dataset, attack, preset, budget, output), group in _by_table(rows):
+    for (dataset, attack, preset, budget, schedule, output), group in _by_table(rows):
         clones = sorted(dict.fromkeys(r["clone"] for r in group),
                         key=lambda c: list(clone_order).index(c) if c in clone_order else len(clone_order))
-        lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries", "",
+        of = f" (the first {budget:,} of a {schedule:,}-query schedule)" if schedule else ""
+        lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries{of}", "",
                   "| defense (victim) | " + " | ".join(clones) + " |", "|---|" + "---|" * len(clones)]
         for (method, victim, kind), vrows in _by_victim(group):
             cells = []
@@ -370,7 +375,8 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
 def _by_table(rows):
     tables = {}
     for r in rows:
-        tables.setdefault((r["dataset"], r["attack"], r["preset"], r["budget"], r["output"]), []).append(r)
+        tables.setdefault((r["dataset"], r["attack"], r["preset"], r["budget"], r.get("schedule_budget") or 0,
+                           r["output"]), []).append(r)
     return sorted(tables.items())
 
 
@@ -403,6 +409,9 @@ def budget_curves(records):
         points = {p["queries"]: 100 * p["clone_test_acc"] for p in res["curve"] if "clone_test_acc" in p}
         points[res["queries_used"]] = 100 * res["clone_test_acc"]
         label = f"{method} ({name})"
+        schedule = (rec["threat_spec"].get("dfme") or {}).get("schedule_budget")
+        if schedule:  # a truncated run's curve is part of a longer schedule's: never averaged with a whole one
+            label += f", {schedule:,}-query schedule"
         panel = panels.setdefault((dataset, cell["attack"], cell["preset"], cell["clone"]), {})
         for q, acc in points.items():
             panel.setdefault(label, {}).setdefault(q, []).append(acc)
