@@ -216,3 +216,14 @@ def test_status_costs_each_cell_left_by_its_own_threat(tmp_path, monkeypatch):
     (tmp_path / "runs" / "targets" / "mnist-lenet5").mkdir(parents=True)
     (tmp_path / "runs" / "targets" / "mnist-lenet5" / "card.json").write_text("{}")
     assert runner.status(spec)["defenses_built"] == 1
+
+
+def test_a_grid_without_attacks_reports_utility_from_cards(tmp_path, mnist_victim):
+    from toolkit.experiments.report import write_experiment_report
+    from toolkit.experiments.store import ResultsStore
+
+    write_experiment_report(ResultsStore(tmp_path / "empty"), tmp_path / "t2", "mtk report t2", "t2",
+                            defense_folders=[str(mnist_victim)], cell_ids=[])
+    md = (tmp_path / "t2.md").read_text()
+    assert "from the cards of the grid's built defenses (a grid without attacks)" in md
+    assert "Clone test accuracy" not in md and "| mnist | undefended (" in md

@@ -307,10 +307,14 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
     of = f" of the grid's {len(cell_ids)} cells" if cell_ids is not None else ""
     if stale:
         of += f" ({stale} records of cells no longer in the grid left out)"
-    lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records{of} in `{store.root}`.", "",
-             "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std over "
-             "its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of the "
-             "paper's architecture. Each table names its attack preset, API and budget.", ""]
+    if cell_ids is not None and not cell_ids and not records:  # a grid without threats: Table 2 only
+        lines = [f"# {title}", "", f"Produced by `{command}` from the cards of the grid's built defenses (a grid "
+                 "without attacks).", ""]
+    else:
+        lines = [f"# {title}", "", f"Produced by `{command}` from {len(records)} records{of} in `{store.root}`.", "",
+                 "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std "
+                 "over its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of "
+                 "the paper's architecture. Each table names its attack preset, API and budget.", ""]
     for (dataset, attack, preset, budget, schedule, output), group in _by_table(rows):
         clones = sorted(dict.fromkeys(r["clone"] for r in group),
                         key=lambda c: list(clone_order).index(c) if c in clone_order else len(clone_order))
