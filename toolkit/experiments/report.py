@@ -215,15 +215,18 @@ def _victim_facts(record):
             card.get("name"), card.get("metrics", {}))
 
 
+def _schedule(rec):
+    """The query budget a DFME cell's schedule spans when the cell runs only its first ``budget`` queries; else 0."""
+    return (rec["threat_spec"].get("dfme") or {}).get("schedule_budget") or 0
+
+
 def experiment_rows(records):
     """Clone accuracy and fidelity, mean and std over seeds, per dataset x attack (preset) x budget x defense x clone."""
     groups = {}
     for rec in records:
         cell, res = rec["cell"], rec["result"]
         dataset, method, kind, name, _ = _victim_facts(rec)
-        # a DFME cell may be the first `budget` queries of a longer schedule (dfme.schedule_budget); 0: its own budget
-        schedule = (rec["threat_spec"].get("dfme") or {}).get("schedule_budget") or 0
-        key = (dataset, cell["attack"], cell["preset"], cell["budget"], schedule,
+        key = (dataset, cell["attack"], cell["preset"], cell["budget"], _schedule(rec),
                rec["threat_spec"]["oracle"]["output"], method, name, kind, cell["clone"])
         groups.setdefault(key, []).append(res)
     rows = []
@@ -413,9 +416,8 @@ def budget_curves(records):
         points = {p["queries"]: 100 * p["clone_test_acc"] for p in res["curve"] if "clone_test_acc" in p}
         points[res["queries_used"]] = 100 * res["clone_test_acc"]
         label = f"{method} ({name})"
-        schedule = (rec["threat_spec"].get("dfme") or {}).get("schedule_budget")
-        if schedule:  # a truncated run's curve is part of a longer schedule's: never averaged with a whole one
-            label += f", {schedule:,}-query schedule"
+        if _schedule(rec):  # a truncated run's curve is part of a longer schedule's: never averaged with a whole one
+            label += f", {_schedule(rec):,}-query schedule"
         panel = panels.setdefault((dataset, cell["attack"], cell["preset"], cell["clone"]), {})
         for q, acc in points.items():
             panel.setdefault(label, {}).setdefault(q, []).append(acc)
