@@ -58,7 +58,7 @@ def prepare_defense(entry, data_root=None):
 def status(spec, store=None):
     """Cells done / started (checkpoint present) / left, defenses built, and an ETA: each cell left is costed at the
     mean wall time of finished cells of the same threat and budget (else of all finished cells)."""
-    from toolkit.experiments.grid import split_entry, victim_name
+    from toolkit.experiments.grid import victim_name
 
     store = store or ResultsStore(results_root(spec))
     cells = expand(spec)
@@ -71,8 +71,7 @@ def status(spec, store=None):
     every = [w for ws in walls.values() for w in ws]
     mean = lambda ws: sum(ws) / len(ws)  # noqa: E731
     eta = sum(mean(walls.get((c["threat"], c["budget"])) or every) for c in left) if every else None
-    built = [e for e in spec["defenses"] if split_entry(e)[0].suffix != ".json"
-             or (pathlib.Path(victim_name(e)) / "card.json").exists()]
+    built = [e for e in spec["defenses"] if (pathlib.Path(victim_name(e)) / "card.json").exists()]
     return {"cells": len(cells), "done": len(done), "started": len(started), "left": len(left),
             "eta_seconds": eta if left else 0.0, "defenses": len(spec["defenses"]), "defenses_built": len(built)}
 
