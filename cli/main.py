@@ -265,7 +265,7 @@ def run_cmd(spec, executor, address, workers, data_root, verbose, as_json):
 @click.argument("spec", type=click.Path(dir_okay=False))
 @_common
 def status_cmd(spec, verbose, as_json):
-    """Cells of an experiment: done, started (resumable), left, and an ETA."""
+    """Cells of an experiment: done, running (claimed by a live process), started (resumable), left, and an ETA."""
     from toolkit.experiments.runner import status
     from toolkit.schemas import load_spec
 
@@ -274,7 +274,8 @@ def status_cmd(spec, verbose, as_json):
         click.echo(json.dumps(state))
         return
     eta = "" if state["eta_seconds"] is None else f", ETA {state['eta_seconds'] / 60:.0f} min"
-    click.echo(f"{state['done']} done, {state['started']} started, {state['left']} left of {state['cells']} cells{eta}; "
+    click.echo(f"{state['done']} done, {state['running']} running, {state['started']} started, {state['left']} left of "
+               f"{state['cells']} cells{eta}; "
                f"{state['defenses_built']} of {state['defenses']} defenses built")
 
 

@@ -176,19 +176,21 @@ def test_sequential_run_builds_each_defense_just_before_its_first_cell(tmp_path,
     from toolkit.experiments import runner
     from toolkit.schemas import load_spec
 
-    monkeypatch.chdir(pathlib.Path(__file__).resolve().parents[1])
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
     events = []
     monkeypatch.setattr("toolkit.training.target.train_target", lambda spec, **k: events.append(("build", spec)))
     monkeypatch.setattr("toolkit.defenses.defend", lambda spec, **k: events.append(("build", spec)))
     monkeypatch.setattr(runner, "run_cell", lambda threat, folder, data_root=None: events.append(
         ("attack", threat["victim"], threat["seed"])) or {"queries_used": 1, "wall_seconds": 1.0})
     monkeypatch.setattr(runner, "results_root", lambda s: tmp_path / "results" / s["name"])
-    spec = load_spec({"kind": "experiment", "name": "lazy", "defenses": [
-        "specs/targets/mnist-lenet5.json", "specs/mnist-misleader.json"],
-        "threats": ["specs/threats/mnist-knockoff.json"], "seeds": [0, 1]}, kind="experiment")
+    target, misleader = str(repo / "specs/targets/mnist-lenet5.json"), str(repo / "specs/mnist-misleader.json")
+    spec = load_spec({"kind": "experiment", "name": "lazy", "defenses": [target, misleader],
+                      "threats": [str(repo / "specs/threats/mnist-knockoff.json")], "seeds": [0, 1]},
+                     kind="experiment")
     runner.run_experiment(spec)
-    assert events == [("build", "specs/targets/mnist-lenet5.json"), ("attack", "runs/targets/mnist-lenet5", 0),
-                      ("build", "specs/mnist-misleader.json"), ("attack", "runs/defenses/mnist-misleader", 0),
+    assert events == [("build", target), ("attack", "runs/targets/mnist-lenet5", 0),
+                      ("build", misleader), ("attack", "runs/defenses/mnist-misleader", 0),
                       ("attack", "runs/targets/mnist-lenet5", 1), ("attack", "runs/defenses/mnist-misleader", 1)]
     assert len(list((tmp_path / "results" / "lazy" / "records").glob("*.json"))) == 4
 
@@ -227,3 +229,46 @@ def test_a_grid_without_attacks_reports_utility_from_cards(tmp_path, mnist_victi
     md = (tmp_path / "t2.md").read_text()
     assert "from the cards of the grid's built defenses (a grid without attacks)" in md
     assert "Clone test accuracy" not in md and "| mnist | undefended (" in md
+
+
+def test_two_runs_of_one_grid_split_its_cells(tmp_path, monkeypatch):
+    """A cell another process has claimed is passed (not run twice) and counted as running; a claim dies with its
+    holder, so a killed lane's cell is taken by the next run."""
+    import subprocess
+    import sys
+
+    from toolkit.experiments import claims, runner
+    from toolkit.experiments.grid import expand
+    from toolkit.schemas import load_spec
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "targets" / "mnist-lenet5").mkdir(parents=True)
+    (tmp_path / "runs" / "targets" / "mnist-lenet5" / "card.json").write_text("{}")
+    spec = load_spec({"kind": "experiment", "name": "lanes", "defenses": ["runs/targets/mnist-lenet5"],
+                      "threats": [str(repo / "specs/threats/mnist-knockoff.json")], "seeds": [0, 1, 2]},
+                     kind="experiment")
+    ran = []
+    monkeypatch.setattr(runner, "run_cell", lambda threat, folder, data_root=None: ran.append(threat["seed"]) or {
+        "queries_used": 1, "wall_seconds": 1.0})
+    cells = sorted(expand(spec), key=lambda c: c["seed"])
+    other = runner.run_folder(spec, cells[1])
+    other.mkdir(parents=True)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from toolkit.experiments import claims\n"
+        "with claims.claim(sys.argv[2]) as mine:\n    print(mine, flush=True); time.sleep(60)"), str(repo), str(other)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert claims.holder(other)["pid"] == holder.pid
+        assert runner.status(spec)["running"] == 1
+        runner.run_experiment(spec)
+        assert ran == [0, 2]
+        state = runner.status(spec)
+        assert (state["done"], state["running"], state["left"]) == (2, 1, 1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert claims.holder(other) is None and runner.status(spec)["running"] == 0
+    runner.run_experiment(spec)  # the killed holder's claim file is left behind and needs no cleaning
+    assert ran == [0, 2, 1]

@@ -6,12 +6,17 @@ before its later defenses train; a process pool or Ray builds them all first.
 Executors: ``local`` (this process, or a small process pool) and ``ray`` (one Ray task per cell with the CPU/GPU
 share the spec asks for). Every executor runs the same ``run_cell`` and the driver alone writes records, so the store
 looks the same whichever ran the cells. An interrupted cell resumes from its run folder's attack checkpoint.
+
+Cell by cell, each cell is claimed first (``claims``), so several ``mtk run`` of one grid (two lanes on one machine,
+or machines sharing ``runs/`` and ``results/``) split its cells, and a defense is built under a lock that the others
+wait on. A pool or Ray driver claims nothing: run one of those per grid.
 """
 
 import pathlib
 import time
 
 from toolkit import progress
+from toolkit.experiments import claims
 from toolkit.errors import UserError
 from toolkit.experiments.grid import expand
 from toolkit.experiments.store import ResultsStore
@@ -56,15 +61,17 @@ def prepare_defense(entry, data_root=None):
 
 
 def status(spec, store=None):
-    """Cells done / started (checkpoint present) / left, defenses built, and an ETA: each cell left is costed at the
-    mean wall time of finished cells of the same threat and budget (else of all finished cells)."""
+    """Cells done / running (claimed by a live process) / started (checkpoint present, idle) / left, defenses built,
+    and an ETA: each cell left is costed at the mean wall time of finished cells of the same threat and budget (else of
+    all finished cells)."""
     from toolkit.experiments.grid import victim_name
 
     store = store or ResultsStore(results_root(spec))
     cells = expand(spec)
     done = [c for c in cells if store.done(c["id"])]
     left = [c for c in cells if not store.done(c["id"])]
-    started = [c for c in left if (run_folder(spec, c) / "checkpoint" / "attack.npz").exists()]
+    running = [c for c in left if claims.holder(run_folder(spec, c))]
+    started = [c for c in left if c not in running and (run_folder(spec, c) / "checkpoint" / "attack.npz").exists()]
     walls = {}
     for c in done:
         walls.setdefault((c["threat"], c["budget"]), []).append(store.get(c["id"])["result"]["wall_seconds"])
@@ -72,7 +79,8 @@ def status(spec, store=None):
     mean = lambda ws: sum(ws) / len(ws)  # noqa: E731
     eta = sum(mean(walls.get((c["threat"], c["budget"])) or every) for c in left) if every else None
     built = [e for e in spec["defenses"] if (pathlib.Path(victim_name(e)) / "card.json").exists()]
-    return {"cells": len(cells), "done": len(done), "started": len(started), "left": len(left),
+    return {"cells": len(cells), "done": len(done), "running": len(running), "started": len(started),
+            "left": len(left),
             "eta_seconds": eta if left else 0.0, "defenses": len(spec["defenses"]), "defenses_built": len(built)}
 
 
@@ -99,23 +107,38 @@ def run_experiment(spec, data_root=None, executor=None, address=None, workers=No
         prepare_defenses(spec, data_root)
     if not todo:
         return store
-    start = time.time()
     if ex["name"] == "ray":
         _run_ray(spec, todo, store, ex, address, data_root)
     elif ex["workers"] > 1:
         _run_pool(spec, todo, store, ex["workers"], data_root)
     else:
-        built = set()
-        for i, cell in enumerate(todo):
-            if cell["defense"] not in built:  # built before its first cell: early rows land before later defenses train
-                prepare_defense(cell["defense"], data_root)
+        _run_sequential(spec, todo, store, data_root)
+    return store
+
+
+def _run_sequential(spec, todo, store, data_root):
+    """Cell by cell in this process, each claimed first; a cell another process holds or has finished is passed."""
+    from toolkit.experiments.grid import victim_name
+
+    start, built, finished = time.time(), set(), 0
+    for i, cell in enumerate(todo):
+        folder = run_folder(spec, cell)
+        with claims.claim(folder) as mine:
+            if not mine or store.done(cell["id"]):
+                progress.log(f"[{spec['name']}] cell {i + 1}/{len(todo)} {cell['id']}: "
+                             f"{'recorded' if mine else 'running in another process'}; passed")
+                continue
+            if cell["defense"] not in built:  # built before its first cell: early rows land before later ones train
+                lock = pathlib.Path(victim_name(cell["defense"]) + ".build")
+                with claims.claim(lock, wait=True):  # another lane building it: wait, then find it built
+                    prepare_defense(cell["defense"], data_root)
                 built.add(cell["defense"])
             progress.log(f"[{spec['name']}] cell {i + 1}/{len(todo)} {cell['id']}: {cell['attack']} on "
                          f"{cell['defense']} clone {cell['clone']} budget {cell['budget']} seed {cell['seed']}")
-            result = run_cell(cell["threat_spec"], run_folder(spec, cell), data_root)
-            store.put(cell, result, run_folder(spec, cell))
-            _eta(spec, start, i + 1, len(todo))
-    return store
+            result = run_cell(cell["threat_spec"], folder, data_root)
+            store.put(cell, result, folder)
+        finished += 1
+        _eta(spec, start, finished, len(todo) - i - 1 + finished)
 
 
 def _eta(spec, start, finished, total):
