@@ -94,6 +94,7 @@ def test_dfme_resume_continues_the_query_count(tmp_path, crash_at_call):
     else:  # queries answered after the last checkpoint were paid for: they stay counted, one iteration fewer
         assert lost == 32 + 2 * 16
         assert resumed.oracle.queries_used == budget - cost + lost
+    assert resumed.oracle.queries_lost == lost  # the record says how much of the budget a restart wasted
 
 
 def test_knockoff_resume_after_a_crash(tmp_path, mnist):

@@ -123,6 +123,8 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
     truncated = _record(20, "mnist-lenet5", "target", "undefended", "lenet5", 0.65, 0)  # first 1000 of a 2M schedule
     truncated["threat_spec"]["dfme"] = {"schedule_budget": 2_000_000}
     records.append(truncated)
+    for r, lost in zip(records[:2], (0, 1792)):  # the misleader rows' records predate the count
+        r["result"]["queries_lost_to_restarts"] = lost
     for r in records:
         store.records.mkdir(parents=True, exist_ok=True)
         (store.records / f"{r['id']}.json").write_text(json.dumps(r))
@@ -133,6 +135,8 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
     assert "budget 1,000 queries (the first 1,000 of a 2,000,000-query schedule)" in md
     assert "| undefended (mnist-lenet5) | 65.00 ± 0.00 [1] |" in md
     assert abs(undefended["clone_acc_std"] - 14.142135623730951) < 1e-6
+    assert undefended["queries_lost"] == 1792 and "| 1,792 |" in md
+    assert next(r for r in rows if r["method"] == "misleader")["queries_lost"] is None
     assert "| defense (victim) | lenet5 | lenet5_half |" in md  # clones are columns, defenses rows
     assert "| misleader (mnist-misleader) | 30.00 ± 0.00 [1] (paper 11.81 ± 0.64) | 25.00 ± 0.00 [1] (paper 11.80" in md
     assert md.index("undefended (mnist-lenet5)") < md.index("misleader (mnist-misleader)")

@@ -29,6 +29,7 @@ class Oracle:
         self.input_shape = tuple(int(d) for d in victim.input_shape)
         self.num_classes = int(victim.num_classes)
         self.queries_used = 0
+        self.queries_lost = 0  # paid for by a run killed after its last checkpoint: counted, never learned from
         self.ledger = ledger  # optional file with the running count, so queries spent before a crash stay spent
 
         def answer(x):
@@ -97,10 +98,11 @@ class Oracle:
 
     def state(self):
         """What a checkpoint needs to resume the count."""
-        return {"queries_used": self.queries_used, "budget": self.budget}
+        return {"queries_used": self.queries_used, "budget": self.budget, "queries_lost": self.queries_lost}
 
     def restore(self, state):
-        """Resumes the count from a checkpoint, or from the ledger when queries were spent after it."""
+        """Resumes the count from a checkpoint, or from the ledger when queries were spent after it; returns the queries
+        so lost (also added to ``queries_lost``)."""
         import json
         import pathlib
 
@@ -108,7 +110,9 @@ class Oracle:
         if self.ledger is not None and pathlib.Path(self.ledger).exists():
             spent = int(json.loads(pathlib.Path(self.ledger).read_text())["queries_used"])
             self.queries_used = max(self.queries_used, spent)
-        return self.queries_used - int(state["queries_used"])
+        lost = self.queries_used - int(state["queries_used"])
+        self.queries_lost = int(state.get("queries_lost", 0)) + lost
+        return lost
 
 
 def recover_logits(proba, eps=1e-12):

@@ -242,11 +242,18 @@ def experiment_rows(records):
                      "clone_acc_mean": acc_m, "clone_acc_std": acc_s, "fidelity_mean": fid_m, "fidelity_std": fid_s,
                      "victim_acc": None if results[0]["victim_test_acc"] is None else 100 * results[0]["victim_test_acc"],
                      "queries_used": max(r["queries_used"] for r in results),
+                     "queries_lost": _lost(results),
                      "paper_clone_acc": paper[0] if paper else None,
                      "paper_clone_std": paper[1] if paper else None,
                      "paper_arch_exact": paper[2] if paper else None,
                      "wall_minutes": sum(r["wall_seconds"] for r in results) / 60})
     return rows
+
+
+def _lost(results):
+    """Queries lost to restarts over a row's seeds; None when a record predates the count."""
+    lost = [r.get("queries_lost_to_restarts") for r in results]
+    return None if None in lost else sum(lost)
 
 
 def experiment_utility(records, defense_folders=()):
@@ -341,14 +348,17 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
         lines.append("")
     if rows:
         lines += ["## Details: fidelity, victim accuracy, queries and wall time", "",
+                  "Queries lost: paid for by a run killed after its last checkpoint (counted against the budget, never "
+                  "learned from), summed over seeds; – where a record predates this count.", "",
                   "| dataset | attack | preset | budget | victim | clone | seeds | fidelity | victim acc | queries used "
-                  "| wall (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| queries lost | wall (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['dataset']} | {r['attack']} | {r['preset']} | {r['budget']:,} | {r['method']} "
                          f"({r['victim']}) | {r['clone']} | {r['seeds']} | "
                          f"{'' if r['fidelity_mean'] is None else _fmt(r['fidelity_mean'], r['fidelity_std'])}"
                          f" | {'' if r['victim_acc'] is None else format(r['victim_acc'], '.2f')} | "
-                         f"{r['queries_used']:,} | {r['wall_minutes']:.0f} min |")
+                         f"{r['queries_used']:,} | {'–' if r['queries_lost'] is None else format(r['queries_lost'], ',')}"
+                         f" | {r['wall_minutes']:.0f} min |")
         lines.append("")
     if utility:
         lines += ["## Utility (Table 2 analogue)", "",
