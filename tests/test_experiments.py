@@ -257,7 +257,6 @@ def test_two_runs_of_one_grid_split_its_cells(tmp_path, monkeypatch):
         "queries_used": 1, "wall_seconds": 1.0})
     cells = sorted(expand(spec), key=lambda c: c["seed"])
     other = runner.run_folder(spec, cells[1])
-    other.mkdir(parents=True)
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, sys.argv[1]); from toolkit.experiments import claims\n"
         "with claims.claim(sys.argv[2]) as mine:\n    print(mine, flush=True); time.sleep(60)"), str(repo), str(other)],
@@ -269,7 +268,7 @@ def test_two_runs_of_one_grid_split_its_cells(tmp_path, monkeypatch):
         runner.run_experiment(spec)
         assert ran == [0, 2]
         state = runner.status(spec)
-        assert (state["done"], state["running"], state["left"]) == (2, 1, 1)
+        assert (state["done"], state["running"], state["left"], state["eta_seconds"]) == (2, 1, 1, 1.0)
     finally:
         holder.kill()
         holder.wait()

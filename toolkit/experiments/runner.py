@@ -63,7 +63,7 @@ def prepare_defense(entry, data_root=None):
 def status(spec, store=None):
     """Cells done / running (claimed by a live process) / started (checkpoint present, idle) / left, defenses built,
     and an ETA: each cell left is costed at the mean wall time of finished cells of the same threat and budget (else of
-    all finished cells)."""
+    all finished cells), shared among the processes running cells now."""
     from toolkit.experiments.grid import victim_name
 
     store = store or ResultsStore(results_root(spec))
@@ -78,6 +78,7 @@ def status(spec, store=None):
     every = [w for ws in walls.values() for w in ws]
     mean = lambda ws: sum(ws) / len(ws)  # noqa: E731
     eta = sum(mean(walls.get((c["threat"], c["budget"])) or every) for c in left) if every else None
+    eta = eta / max(1, len(running)) if eta else eta
     built = [e for e in spec["defenses"] if (pathlib.Path(victim_name(e)) / "card.json").exists()]
     return {"cells": len(cells), "done": len(done), "running": len(running), "started": len(started),
             "left": len(left),
