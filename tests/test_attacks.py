@@ -79,10 +79,12 @@ def test_dfme_resume_continues_the_query_count(tmp_path, crash_at_call):
     reference.run()
 
     state = AttackState(tmp_path, "fp")
+    state.clock -= 1000.0  # the first run's wall clock: as if it had started 1000 s ago
     first = dfme_parts(CrashingVictim(victim, crash_at_call), budget, ledger=state.ledger)
     with pytest.raises(Crash):
         first.run(state=state, checkpoint_every=cost)
     spent_before_crash = first.oracle.queries_used
+    state = AttackState(tmp_path, "fp")  # a fresh process: what it knows of the first run is in the checkpoint
     resumed = dfme_parts(victim, budget, ledger=state.ledger)  # fresh models: everything comes from the checkpoint
     resumed.run(state=state, checkpoint_every=cost)
     lost = spent_before_crash - 2 * cost
@@ -95,6 +97,7 @@ def test_dfme_resume_continues_the_query_count(tmp_path, crash_at_call):
         assert lost == 32 + 2 * 16
         assert resumed.oracle.queries_used == budget - cost + lost
     assert resumed.oracle.queries_lost == lost  # the record says how much of the budget a restart wasted
+    assert 1000.0 < state.seconds() < 1000.0 + 120  # wall time up to the last checkpoint carried over
 
 
 def test_knockoff_resume_after_a_crash(tmp_path, mnist):

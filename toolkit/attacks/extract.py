@@ -1,7 +1,6 @@
 """``mtk extract``: one threat model (attack x victim x clone x budget) from a threat spec, through the oracle only."""
 
 import pathlib
-import time
 
 import numpy as np
 
@@ -104,7 +103,6 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
 
     every = {"state": state, "checkpoint_every": spec["checkpoint_every"], "progress_every": spec["progress_every"],
              "evaluate": evaluate}
-    start = time.time()
     if spec["attack"] == "knockoff":
         from toolkit.attacks.knockoff import KnockoffAttack
 
@@ -126,7 +124,7 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
         generator = dcgan_generator(cfg["nz"], victim.input_shape, cfg["ngf"])
         discriminator = dcgan_discriminator(victim.input_shape, cfg["ndf"])
         curve = DFMSHLAttack(oracle, clone, generator, discriminator, proxy, cfg, seed=spec["seed"]).run(**every)
-    elapsed = time.time() - start + _previous_seconds(folder)
+    elapsed = state.seconds()
     predict_clone = model_predictor(clone)
     result = {
         "attack": spec["attack"], "preset": spec["preset"], "victim": str(spec["victim"]),
@@ -144,7 +142,6 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
     }
     artifacts.save_model(folder, clone, "clone.keras")
     atomic_write_json(folder / "result.json", result)
-    _write_seconds(folder, elapsed)
     fidelity = "not measured" if result["fidelity"] is None else f"{result['fidelity']:.4f}"
     progress.log(f"[{spec['name']}] clone test acc {result['clone_test_acc']:.4f}, fidelity {fidelity}, "
                  f"{oracle.queries_used} queries -> {folder}")
@@ -159,12 +156,3 @@ def proxy_images(cfg, input_shape, data_root, seed):
                        cfg["proxy_classes"], what="dfms_hl.proxy")
 
 
-def _previous_seconds(folder):
-    path = pathlib.Path(folder) / "checkpoint" / "seconds.txt"
-    return float(path.read_text()) if path.exists() else 0.0
-
-
-def _write_seconds(folder, seconds):
-    path = pathlib.Path(folder) / "checkpoint" / "seconds.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{seconds:.1f}\n")
