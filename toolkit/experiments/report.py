@@ -325,9 +325,9 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
                  "Clone test accuracy in %, mean ± std over seeds [number of seeds]; the paper's figure (mean ± std "
                  "over its 5 seeds) beside ours where it has one, marked ≈ where our clone is a reduced CPU version of "
                  "the paper's architecture. Each table names its attack preset, API and budget.", ""]
+    rank = lambda c: list(clone_order).index(c) if c in clone_order else len(clone_order)  # noqa: E731
     for (dataset, attack, preset, budget, schedule, output), group in _by_table(rows):
-        clones = sorted(dict.fromkeys(r["clone"] for r in group),
-                        key=lambda c: list(clone_order).index(c) if c in clone_order else len(clone_order))
+        clones = sorted(dict.fromkeys(r["clone"] for r in group), key=rank)
         of = f" (the first {budget:,} of a {schedule:,}-query schedule)" if schedule else ""
         lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries{of}", "",
                   "| defense (victim) | " + " | ".join(clones) + " |", "|---|" + "---|" * len(clones)]
@@ -352,7 +352,9 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
                   "learned from), summed over seeds; – where a record predates this count.", "",
                   "| dataset | attack | preset | budget | victim | clone | seeds | fidelity | victim acc | queries used "
                   "| queries lost | wall (all seeds) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in rows:
+        details = [r for _, group in _by_table(rows) for _, vrows in _by_victim(group)  # the tables' order
+                   for r in sorted(vrows, key=lambda r: rank(r["clone"]))]
+        for r in details:
             lines.append(f"| {r['dataset']} | {r['attack']} | {r['preset']} | {r['budget']:,} | {r['method']} "
                          f"({r['victim']}) | {r['clone']} | {r['seeds']} | "
                          f"{'' if r['fidelity_mean'] is None else _fmt(r['fidelity_mean'], r['fidelity_std'])}"
