@@ -16,8 +16,8 @@ import pathlib
 import time
 
 from toolkit import progress
-from toolkit.experiments import claims
 from toolkit.errors import UserError
+from toolkit.experiments import claims
 from toolkit.experiments.grid import expand
 from toolkit.experiments.store import ResultsStore
 from toolkit.schemas import load_spec
@@ -69,9 +69,11 @@ def status(spec, store=None):
     store = store or ResultsStore(results_root(spec))
     cells = expand(spec)
     done = [c for c in cells if store.done(c["id"])]
-    left = [c for c in cells if not store.done(c["id"])]
+    finished = {c["id"] for c in done}
+    left = [c for c in cells if c["id"] not in finished]
     running = [c for c in left if claims.holder(run_folder(spec, c))]
-    started = [c for c in left if c not in running and (run_folder(spec, c) / "checkpoint" / "attack.npz").exists()]
+    busy = {c["id"] for c in running}
+    started = [c for c in left if c["id"] not in busy and (run_folder(spec, c) / "checkpoint" / "attack.npz").exists()]
     walls = {}
     for c in done:
         walls.setdefault((c["threat"], c["budget"]), []).append(store.get(c["id"])["result"]["wall_seconds"])
