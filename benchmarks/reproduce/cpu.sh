@@ -3,9 +3,10 @@
 # are skipped, an interrupted one continues from its checkpoint) and writes each report under results/NAME/.
 #   bash benchmarks/reproduce/cpu.sh                      all grids, in this order (many hours on 2 cores)
 #   bash benchmarks/reproduce/cpu.sh cpu-table5-mnist ... only these, in the order given
-# Two lanes in parallel (never the same grid twice at once), one thread each, is the fastest use of 2 cores:
+# Two lanes in parallel, one thread each, is the fastest use of 2 cores. Two lanes may run the same grid: each cell
+# is claimed by one process (toolkit/experiments/claims.py) and the other passes on to the next cell:
 #   OMP_NUM_THREADS=1 bash benchmarks/reproduce/cpu.sh cpu-table4-mnist &
-#   OMP_NUM_THREADS=1 bash benchmarks/reproduce/cpu.sh cpu-table4-mnist-2m cpu-table5-mnist cpu-baselines-mnist
+#   OMP_NUM_THREADS=1 bash benchmarks/reproduce/cpu.sh cpu-table4-mnist
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MTK=${MTK:-.venv/bin/mtk}
