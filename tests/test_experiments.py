@@ -148,6 +148,16 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
     assert panel["undefended (mnist-lenet5), 2,000,000-query schedule"] == [(500, 20.0), (1000, 65.0)]
 
 
+def test_rows_follow_the_papers_order():
+    """Defense rows read as in the paper's Table 1 (undefended, RandP, P-poison, GRAD, MeCo, ACT, DNF, MISLEADER last);
+    defenses the paper's Table 1 lacks sit before MISLEADER, unknown ones alphabetically."""
+    from toolkit.experiments.report import method_rank
+
+    methods = ["misleader", "act", "zeta", "randp", "dnf", "undefended", "grad", "edm", "p-poison", "meco", "alpha"]
+    assert sorted(methods, key=method_rank) == ["undefended", "randp", "p-poison", "grad", "meco", "act", "dnf", "edm",
+                                                "alpha", "zeta", "misleader"]
+
+
 def test_entries_name_targets_defenses_and_single_members(tmp_path, monkeypatch):
     """Target specs, defense specs and spec#MEMBER entries deploy where they build; a grid without threats only
     builds its defenses (Table 2); an unknown member is a one-line error."""

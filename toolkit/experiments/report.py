@@ -98,6 +98,21 @@ PAPER_CLONE = {
 PAPER_ARCH = {"resnet18_8x_w16": "resnet18_8x"}
 
 
+# Rows in the paper's order (Table 1: undefended, its six baselines, MISLEADER last); the defenses it does not list in
+# Table 1 go before MISLEADER, then anything else alphabetically.
+PAPER_ROW_ORDER = ("undefended", "randp", "p-poison", "grad", "meco", "act", "dnf", "misinformation", "edm",
+                   "edm+meco", "edm+act")
+
+
+def method_rank(method):
+    """Sort key placing a victim method's row where the paper's tables put it."""
+    if method == "misleader":
+        return (2, 0, "")
+    if method in PAPER_ROW_ORDER:
+        return (0, PAPER_ROW_ORDER.index(method), "")
+    return (1, 0, method)
+
+
 def victim_method(kind, method=None):
     """The paper's row name for a victim: its defense method; an undefended target is 'undefended'."""
     return method or ("undefended" if kind == "target" else kind)
@@ -270,9 +285,8 @@ def experiment_utility(records, defense_folders=()):
             key = (card["dataset"]["name"], victim_method(card.get("kind"), card.get("method")), card.get("name"))
             seen.setdefault(key, (card.get("kind"), card.get("metrics", {})))
     rows = []
-    order = {"undefended": 0, "misleader": 2}
     for (dataset, method, name), (kind, metrics) in sorted(seen.items(), key=lambda kv: (
-            kv[0][0], order.get(kv[0][1], 1), kv[0][1], kv[0][2])):
+            kv[0][0], method_rank(kv[0][1]), kv[0][2])):
         rows.append({"dataset": dataset, "method": method, "victim": name, "victim_kind": kind,
                      "val_acc": 100 * metrics["val_acc"] if "val_acc" in metrics else None,
                      "test_acc": 100 * metrics["test_acc"] if "test_acc" in metrics else None,
@@ -400,11 +414,10 @@ def _by_table(rows):
 
 
 def _by_victim(rows):
-    order = {"undefended": 0, "misleader": 2}
     victims = {}
     for r in rows:
         victims.setdefault((r["method"], r["victim"], r["victim_kind"]), []).append(r)
-    return sorted(victims.items(), key=lambda kv: (order.get(kv[0][0], 1), kv[0]))
+    return sorted(victims.items(), key=lambda kv: (method_rank(kv[0][0]), kv[0]))
 
 
 def _pyplot():
