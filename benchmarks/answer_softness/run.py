@@ -1,7 +1,9 @@
-"""How soft are the answers DFME learns from? Target vs MISLEADER ensemble (and its members) on the MNIST test set,
-on uniform noise and on an untrained DFME generator's images (where the attack starts).
+"""How soft are the answers DFME learns from? Target vs MISLEADER ensemble (and its members, or the baselines) on
+the test set, on uniform noise and on an untrained DFME generator's images (where the attack starts).
 
     .venv/bin/python benchmarks/answer_softness/run.py    (after mtk defend specs/mnist-misleader.json)
+    .venv/bin/python benchmarks/answer_softness/run.py --dataset cifar10    (after the cpu-table1-cifar10 grid built
+        its victims: the reduced target, MISLEADER ensemble and the six Table 1 baselines)
 
 Tests the README's guess for why DFME extracts our MNIST ensemble better than the target: a distilled, soft-voted
 ensemble answers with softer probabilities, so the logits DFME recovers (log p minus its mean) carry more about the
@@ -10,6 +12,7 @@ of the recovered logits, top-1 agreement with the target and how many classes ar
 the inputs (how much class signal the attack gets from the start). Writes results/answer_softness.json and .md.
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -17,7 +20,15 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-TARGET, ENSEMBLE = "runs/targets/mnist-lenet5", "runs/defenses/mnist-misleader"
+# Per dataset: its name in titles, the target, the MISLEADER ensemble, the other victims compared (None: the
+# ensemble's members), the results file and the command that builds them.
+PRESETS = {
+    "mnist": ("MNIST", "runs/targets/mnist-lenet5", "runs/defenses/mnist-misleader", None, "answer_softness",
+              "mtk defend specs/mnist-misleader.json"),
+    "cifar10": ("CIFAR-10", "runs/targets/cifar10-cpu", "runs/defenses/cifar10-cpu-misleader",
+                [f"runs/defenses/cifar10-cpu-{m}" for m in ("randp", "p-poison", "grad", "meco", "act", "dnf")],
+                "answer_softness-cifar10", "bash benchmarks/reproduce/cpu.sh cpu-table1-cifar10"),
+}
 N = 2000
 
 
@@ -57,23 +68,30 @@ def stats(probs, reference):
 def main():
     from toolkit.artifacts import load_deployable, read_card
 
-    folders = [TARGET, ENSEMBLE] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / ENSEMBLE / "members").iterdir()
-                                          if (p / "card.json").exists())
-    for folder in (TARGET, ENSEMBLE):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(PRESETS), default="mnist")
+    dataset = parser.parse_args().dataset
+    title, target, ensemble, others, stem, build = PRESETS[dataset]
+    if others is None:
+        others = sorted(str(p.relative_to(ROOT)) for p in (ROOT / ensemble / "members").glob("*")
+                        if (p / "card.json").exists())
+    folders = [target, ensemble] + others
+    for folder in folders:
         if not (ROOT / folder / "card.json").exists():
-            sys.exit(f"{folder}: not built (run mtk defend specs/mnist-misleader.json first)")
-    sets = inputs(read_card(ROOT / TARGET), None)
+            sys.exit(f"{folder}: not built (run {build} first)")
+    sets = inputs(read_card(ROOT / target), None)
     models = {f: load_deployable(ROOT / f) for f in folders}
     rows = []
     for name, x in sets.items():
-        reference = models[TARGET].predict_proba(x)
+        reference = models[target].predict_proba(x)
         for folder, model in models.items():
             rows.append({"inputs": name, "model": folder, **stats(model.predict_proba(x), reference)})
             print(rows[-1], flush=True)
-    command = "python benchmarks/answer_softness/run.py"
-    out = ROOT / "results" / "answer_softness"
+    command = "python benchmarks/answer_softness/run.py" + ("" if dataset == "mnist" else f" --dataset {dataset}")
+    out = ROOT / "results" / stem
     out.with_suffix(".json").write_text(json.dumps({"command": command, "n_per_set": N, "rows": rows}, indent=2))
-    lines = ["# Answer softness: target vs MISLEADER ensemble (MNIST)", "", f"Command: `{command}`; {N} inputs per set.",
+    lines = [f"# Answer softness: target vs MISLEADER ensemble ({title})",
+             "", f"Command: `{command}`; {N} inputs per set.",
              "Logit spread: std over classes of log(p) - mean(log p), the target DFME's clone regresses on.", "",
              "| inputs | model | top-1 prob | entropy (nats) | logit spread | top-1 agreement with target | classes answered |",
              "|---|---|---|---|---|---|---|"]
