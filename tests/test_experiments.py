@@ -148,6 +148,22 @@ def test_report_layout_paper_figures_and_plots_from_the_store_alone(tmp_path):
     assert panel["undefended (mnist-lenet5), 2,000,000-query schedule"] == [(500, 20.0), (1000, 65.0)]
 
 
+def test_the_released_flaw_splits_a_presets_table():
+    """One preset run with and without the released prob-as-logit flaw: two tables and two curves, never averaged."""
+    from toolkit.experiments.report import budget_curves, experiment_rows
+
+    honest, flawed = (_record(i, "mnist-lenet5", "target", "undefended", "lenet5", acc, 0)
+                      for i, acc in ((0, 0.9), (1, 0.1)))
+    for r, flaw in ((honest, False), (flawed, True)):
+        r["cell"]["preset"] = "misleader-released"
+        r["threat_spec"]["dfme"] = {"released_prob_as_logit": flaw}
+    rows = experiment_rows([honest, flawed])
+    assert sorted((r["preset"], r["seeds"], r["clone_acc_mean"]) for r in rows) == [
+        ("misleader-released", 1, 90.0), ("misleader-released (prob-as-logit flaw)", 1, 10.0)]
+    assert {k[2] for k in budget_curves([honest, flawed])} == {"misleader-released",
+                                                               "misleader-released (prob-as-logit flaw)"}
+
+
 def test_rows_follow_the_papers_order():
     """Defense rows read as in the paper's Table 1 (undefended, RandP, P-poison, GRAD, MeCo, ACT, DNF, MISLEADER last);
     defenses the paper's Table 1 lacks sit before MISLEADER, unknown ones alphabetically."""

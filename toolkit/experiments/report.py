@@ -235,13 +235,20 @@ def _schedule(rec):
     return (rec["threat_spec"].get("dfme") or {}).get("schedule_budget") or 0
 
 
+def _preset(rec):
+    """A cell's attack preset as its table names it; the released prob-as-logit flaw is part of it (the release
+    applies it to ensembles only, so one preset is run with and without it)."""
+    flaw = (rec["threat_spec"].get("dfme") or {}).get("released_prob_as_logit")
+    return rec["cell"]["preset"] + (" (prob-as-logit flaw)" if flaw else "")
+
+
 def experiment_rows(records):
     """Clone accuracy and fidelity, mean and std over seeds, per dataset x attack (preset) x budget x defense x clone."""
     groups = {}
     for rec in records:
         cell, res = rec["cell"], rec["result"]
         dataset, method, kind, name, _ = _victim_facts(rec)
-        key = (dataset, cell["attack"], cell["preset"], cell["budget"], _schedule(rec),
+        key = (dataset, cell["attack"], _preset(rec), cell["budget"], _schedule(rec),
                rec["threat_spec"]["oracle"]["output"], method, name, kind, cell["clone"])
         groups.setdefault(key, []).append(res)
     rows = []
@@ -443,7 +450,7 @@ def budget_curves(records):
         label = f"{method} ({name})"
         if _schedule(rec):  # a truncated run's curve is part of a longer schedule's: never averaged with a whole one
             label += f", {_schedule(rec):,}-query schedule"
-        panel = panels.setdefault((dataset, cell["attack"], cell["preset"], cell["clone"]), {})
+        panel = panels.setdefault((dataset, cell["attack"], _preset(rec), cell["clone"]), {})
         for q, acc in points.items():
             panel.setdefault(label, {}).setdefault(q, []).append(acc)
     return {key: {label: sorted((q, sum(v) / len(v)) for q, v in series.items()) for label, series in panel.items()}
