@@ -9,7 +9,8 @@ Tests the README's guess for why DFME extracts our MNIST ensemble better than th
 ensemble answers with softer probabilities, so the logits DFME recovers (log p minus its mean) carry more about the
 non-top classes. Per model and input set: mean top-1 probability, mean entropy (nats), the spread (std over classes)
 of the recovered logits, top-1 agreement with the target and how many classes are the top-1 answer of >= 1 % of
-the inputs (how much class signal the attack gets from the start). Writes results/answer_softness.json and .md.
+the inputs (how much class signal the attack gets from the start). Writes results/answer_softness.{json,md}
+(MNIST) or results/answer_softness-cifar10.{json,md}.
 """
 
 import argparse

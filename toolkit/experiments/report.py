@@ -146,8 +146,8 @@ def extraction_rows(run_folders):
         spec = r["spec"]
         victim_card = read_card(r["victim"])
         dataset = victim_card["dataset"]["name"]
-        detail = {"dfme": lambda: f"preset {r['preset']}" + (", released prob-as-logit flaw" if spec["dfme"].get(
-                      "released_prob_as_logit") else ""),
+        detail = {"dfme": lambda: f"preset {r['preset']}" + (", released prob-as-logit flaw"
+                                                            if released_flaw(spec) else ""),
                   "knockoff": lambda: f"{spec['knockoff']['policy']}, surrogate "
                                       f"{(spec['knockoff']['surrogate']['dataset'] or {}).get('name', dataset)} "
                                       f"{'+'.join(spec['knockoff']['surrogate']['splits'])}",
@@ -235,11 +235,15 @@ def _schedule(rec):
     return (rec["threat_spec"].get("dfme") or {}).get("schedule_budget") or 0
 
 
+def released_flaw(threat_spec):
+    """Whether a threat reproduces the released MISLEADER evaluation's flaw (probabilities fed to DFME as logits)."""
+    return bool((threat_spec.get("dfme") or {}).get("released_prob_as_logit"))
+
+
 def _preset(rec):
     """A cell's attack preset as its table names it; the released prob-as-logit flaw is part of it (the release
     applies it to ensembles only, so one preset is run with and without it)."""
-    flaw = (rec["threat_spec"].get("dfme") or {}).get("released_prob_as_logit")
-    return rec["cell"]["preset"] + (" (prob-as-logit flaw)" if flaw else "")
+    return rec["cell"]["preset"] + (" (prob-as-logit flaw)" if released_flaw(rec["threat_spec"]) else "")
 
 
 def experiment_rows(records):
