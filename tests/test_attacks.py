@@ -55,7 +55,8 @@ def dfme_parts(victim, budget, ledger=None):
                       "dfme": {"batch_size": 16, "ngf": 8, "nz": 16}}, kind="threat")
     cfg = resolve(spec["dfme"], "canonical")
     clone = build_model("lenet5_fifth", SHAPE, 10, [0.13], [0.31], name="clone")
-    return DFMEAttack(Oracle(victim, budget, ledger=ledger), clone, dfme_generator(16, SHAPE, 8), cfg, SHAPE)
+    return DFMEAttack(Oracle(victim, budget, ledger=ledger, accept_out_of_range=True), clone,
+                      dfme_generator(16, SHAPE, 8), cfg, [0.13], [0.31])
 
 
 def test_tiny_dfme_beats_chance(tmp_path, cli_env, mnist_victim):

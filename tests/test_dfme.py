@@ -57,7 +57,7 @@ def test_schedule_budget_makes_a_short_run_the_start_of_the_paper_budget_run():
 
     def rates(budget, schedule_budget=None):
         attack = DFMEAttack(SimpleNamespace(budget=budget), clone, generator,
-                            {**cfg, "schedule_budget": schedule_budget}, (1, 32, 32))
+                            {**cfg, "schedule_budget": schedule_budget}, [0.13], [0.31])
         steps = (300_000 // attack.cost) * cfg["d_iter"]
         return [attack.opt_s.mtk_schedule(s) for s in range(steps)], [attack.opt_g.mtk_schedule(s) for s in range(steps)]
 

@@ -9,7 +9,8 @@ def test_knockoff_in_distribution_small_budget(tmp_path, cli_env, mnist_victim):
     victim = mnist_victim
     spec = {"kind": "threat", "name": "ko", "attack": "knockoff", "victim": str(victim), "budget": 4000, "seed": 0,
             "clone": {"architecture": "lenet5_half"},
-            "knockoff": {"rounds": 2, "epochs": 6, "optimizer": {"lr": 0.05, "momentum": 0.9},
+            "knockoff": {"protocol": "rounds", "rounds": 2, "epochs": 6, "check_fraction": 0.05,
+                         "optimizer": {"lr": 0.05, "momentum": 0.9},
                          "surrogate": {"splits": ["val", "holdout", "train"]}}}
     path = tmp_path / "ko.json"
     path.write_text(json.dumps(spec))

@@ -20,12 +20,13 @@ class Oracle:
     kept in a closure, not an attribute, so attack code cannot reach weights, logits or gradients by accident.
     """
 
-    def __init__(self, victim, budget, output="soft", top_k=None, round=None, ledger=None):
+    def __init__(self, victim, budget, output="soft", top_k=None, round=None, ledger=None, accept_out_of_range=False):
         if output not in ("soft", "hard"):
             raise UserError(f"oracle output must be 'soft' or 'hard', got {output!r}")
         if budget is None or budget < 1:
             raise UserError(f"query budget must be a positive integer, got {budget!r}")
         self.budget, self.output, self.top_k, self.round = int(budget), output, top_k, round
+        self.accept_out_of_range = bool(accept_out_of_range)  # in-process victims only (the reference DFME space)
         self.input_shape = tuple(int(d) for d in victim.input_shape)
         self.num_classes = int(victim.num_classes)
         self.queries_used = 0
@@ -42,7 +43,8 @@ class Oracle:
         return self.budget - self.queries_used
 
     def query(self, x):
-        """API outputs for a batch ``x`` (N x C x H x W, finite, in [0, 1]); N queries are counted."""
+        """API outputs for a batch ``x`` (N x C x H x W, finite, in [0, 1] unless ``accept_out_of_range``); N queries
+        are counted."""
         import torch
 
         x = self._check(x)
@@ -78,7 +80,7 @@ class Oracle:
         x = x.detach()
         if not torch.isfinite(x).all():
             raise UserError("oracle query holds NaN or infinite pixels")
-        if float(x.min()) < 0 or float(x.max()) > 1:
+        if not self.accept_out_of_range and (float(x.min()) < 0 or float(x.max()) > 1):
             raise UserError(f"oracle query pixels must lie in [0, 1], got {float(x.min()):.3g}..{float(x.max()):.3g}")
         return x.float()
 

@@ -38,7 +38,7 @@ def make_attack(fast_upsample, seed=0):
     spec = load_spec({"kind": "threat", "attack": "dfme", "victim": "x"}, kind="threat")
     cfg = resolve(spec["dfme"], "canonical")
     generator = dfme_generator(cfg["nz"], SHAPE, cfg["ngf"], fast_upsample)
-    return DFMEAttack(Oracle(victim, 10 ** 9), clone, generator, cfg, SHAPE)
+    return DFMEAttack(Oracle(victim, 10 ** 9, accept_out_of_range=True), clone, generator, cfg, [0.1307], [0.3081])
 
 
 def iteration(attack):

@@ -1,9 +1,14 @@
-"""DFME (Truong et al., CVPR 2021), soft-label data-free extraction, following cake-lab's code.
+"""DFME (Truong et al., CVPR 2021), soft-label data-free extraction, after cake-lab's ``dfme/train.py``.
 
 Per iteration: one generator step — the gradient of the clone/victim L1 disagreement w.r.t. the generator's
 (pre-tanh) images is estimated by forward differences along ``m`` random unit directions (B*(m+1) queries) and
 back-propagated into the generator — then ``d_iter`` clone steps on fresh generated batches (B queries each), L1
 between the clone's logits and the victim's logits recovered from its probabilities as log(p) minus its mean.
+
+Query space (``query_space``): cake-lab feeds the generator's tanh to the victim as an already-normalised input, i.e.
+pixel = mean + std * tanh ('reference'; MNIST -0.18..0.44, so only an in-process victim can take it);
+'reference-clipped' clips those pixels to [0, 1], what an image API can receive; 'unit' is (tanh + 1) / 2, the
+mapping mtk used before (images centred on grey), kept to compare. Faithfulness: results/faithfulness.md.
 """
 
 from toolkit import progress
@@ -40,12 +45,32 @@ def victim_targets(answers, released_prob_as_logit=False):
     return recover_logits(answers)
 
 
-class DFMEAttack:
-    """Cake-lab's DFME loop through an ``Oracle``; the clone and generator are Keras models trained in place."""
+QUERY_SPACES = ("reference", "reference-clipped", "unit")
 
-    def __init__(self, oracle, clone, generator, cfg, image_shape):
+
+def pixels(pre, query_space, mean, std):
+    """The generator's pre-tanh output as the pixels sent to the oracle (see the module docstring)."""
+    import torch
+
+    t = torch.tanh(pre)
+    if query_space == "unit":
+        return (t + 1) / 2
+    shape = (1, -1) + (1,) * (t.ndim - 2)
+    x = torch.as_tensor(mean, dtype=t.dtype).view(shape) + torch.as_tensor(std, dtype=t.dtype).view(shape) * t
+    return x.clamp(0, 1) if query_space == "reference-clipped" else x
+
+
+class DFMEAttack:
+    """Cake-lab's DFME loop through an ``Oracle``; the clone and generator are Keras models trained in place.
+
+    ``mean``/``std`` are the victim's normalisation statistics, which the reference query space needs.
+    """
+
+    def __init__(self, oracle, clone, generator, cfg, mean=None, std=None):
         self.oracle, self.clone, self.generator, self.cfg = oracle, clone, generator, cfg
-        self.image_shape = tuple(image_shape)
+        self.mean, self.std = mean, std
+        if cfg["query_space"] != "unit" and (mean is None or std is None):
+            raise ValueError(f"dfme query space {cfg['query_space']!r} needs the victim's normalisation statistics")
         self.check = []
         b, m, d = cfg["batch_size"], cfg["grad_m"], cfg["d_iter"]
         self.cost = b * (cfg["g_iter"] * (m + 1) + d)
@@ -53,7 +78,11 @@ class DFMEAttack:
         schedule_iterations = (cfg.get("schedule_budget") or oracle.budget) // self.cost
         self.epochs = schedule_iterations // cfg["epoch_itrs"] + 1
         steps = [int(s * self.epochs) for s in cfg["lr_steps"]]
-        schedule = {"name": "multistep", "milestones": [max(1, s) for s in steps], "gamma": cfg["lr_scale"]}
+        # cake-lab steps MultiStepLR *before* each epoch: its rates are one epoch ahead, and a milestone at 0 applies
+        # from the start; 'after_epoch' is the usual torch order (mtk's earlier behaviour).
+        before = cfg["scheduler_step"] == "before_epoch"
+        schedule = {"name": "multistep", "milestones": steps if before else [max(1, s) for s in steps],
+                    "gamma": cfg["lr_scale"], "offset": 1 if before else 0}
         self.opt_s = make_optimizer({"name": "sgd", "lr": cfg["lr_S"], "momentum": cfg["momentum"],
                                      "weight_decay": cfg["weight_decay"]}, schedule, cfg["epoch_itrs"] * d, self.epochs)
         self.opt_g = make_optimizer({"name": "adam", "lr": cfg["lr_G"]}, schedule,
@@ -62,9 +91,7 @@ class DFMEAttack:
         self.opt_g.build(generator.trainable_variables)
 
     def _images(self, pre):
-        import torch
-
-        return (torch.tanh(pre) + 1) / 2  # the generator's tanh range, as [0, 1] API pixels
+        return pixels(pre, self.cfg["query_space"], self.mean, self.std)
 
     def _z(self):
         import torch

@@ -95,6 +95,7 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
     clone = build_model(spec["clone"]["architecture"], victim.input_shape, victim.num_classes,
                         eval_data.mean, eval_data.std, name="clone", **spec["clone"]["options"])
     state = AttackState(folder, fingerprint(spec), discard_stale=force)
+    spec["oracle"] = {**spec["oracle"], "accept_out_of_range": out_of_range(spec, remote)}
     oracle = Oracle(victim, spec["budget"], ledger=state.ledger, **spec["oracle"])
     test = eval_data.test if not dry_run else eval_data.test.take(slice(0, 512))
 
@@ -114,7 +115,8 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
         from toolkit.models.generators import dfme_generator
 
         generator = dfme_generator(cfg["nz"], victim.input_shape, cfg["ngf"], cfg["fast_upsample"])
-        curve = DFMEAttack(oracle, clone, generator, cfg, victim.input_shape).run(**every)
+        stats = eval_data if spec["eval_dataset"] is None else load_dataset(artifacts.dataset_config(card), data_root)
+        curve = DFMEAttack(oracle, clone, generator, cfg, stats.mean, stats.std).run(**every)
     else:
         from toolkit.attacks.dfms_hl import DFMSHLAttack
         from toolkit.models.generators import dcgan_discriminator, dcgan_generator
@@ -146,6 +148,19 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
     progress.log(f"[{spec['name']}] clone test acc {result['clone_test_acc']:.4f}, fidelity {fidelity}, "
                  f"{oracle.queries_used} queries -> {folder}")
     return result
+
+
+def out_of_range(spec, remote):
+    """Whether the oracle takes pixels outside [0, 1]: only for DFME's reference query space, only in-process."""
+    wanted = spec["attack"] == "dfme" and spec["dfme"]["query_space"] == "reference"
+    asked = spec["oracle"].get("accept_out_of_range")
+    if wanted and asked is False:
+        raise UserError("$.oracle.accept_out_of_range: false, but dfme.query_space 'reference' sends pixels outside "
+                        "[0, 1]; set dfme.query_space to 'reference-clipped' for an API that takes [0, 1] images")
+    if (wanted or asked) and remote:
+        raise UserError("$.dfme.query_space: 'reference' sends pixels outside [0, 1], which an HTTP victim cannot "
+                        "receive; use 'reference-clipped'")
+    return bool(wanted if asked is None else asked)
 
 
 def proxy_images(cfg, input_shape, data_root, seed):

@@ -1,9 +1,12 @@
 """Knockoff Nets (Orekondy et al., CVPR 2019): query natural images from a surrogate set, train a clone on the answers.
 
 Policies: 'random' (uniform without replacement, the public code) and 'adaptive' (the paper's gradient bandit over
-surrogate classes, rewarded by the answers' certainty, diversity and the clone's loss). The budget is spent in
-rounds; after each round the clone keeps training on everything collected so far, which gives the accuracy-vs-queries
-curve. Model selection uses a slice of the attacker's own answers, never the defender's data.
+surrogate classes, rewarded by the answers' certainty, diversity and the clone's loss). Protocols: 'reference' (the
+public code's: spend the whole budget, then one training run of ``epochs`` epochs on the whole transfer set, the
+schedule stepped per epoch; the curve is clone accuracy vs epoch) and 'rounds' (the budget in ``rounds`` parts, the
+clone training on everything collected so far after each: an accuracy-vs-queries curve, and what the adaptive policy
+needs, as its loss reward reads the clone). An optional check slice of the attacker's own answers (every
+1/``check_fraction``-th answer, fixed when it is collected) is never trained on. Faithfulness: results/faithfulness.md.
 """
 
 import numpy as np
@@ -42,8 +45,8 @@ class KnockoffAttack:
             raise BudgetExhausted(f"surrogate pool exhausted ({len(self.pool)} images)")
         return self.rng.choice(free, size=n, replace=False)
 
-    def _snapshot(self, round_index, trained):
-        meta = {"round": round_index, "trained": trained, "curve": self.curve,
+    def _snapshot(self, round_index, epochs_done):
+        meta = {"round": round_index, "epochs_done": epochs_done, "curve": self.curve,
                 "rng": self.rng.bit_generator.state}
         if self.cfg["policy"] == "adaptive":
             meta["bandit"] = {"preferences": self.preferences.tolist(), "mean_reward": self.mean_reward,
@@ -68,59 +71,84 @@ class KnockoffAttack:
             self.preferences, self.mean_reward, self.steps = np.array(b["preferences"]), b["mean_reward"], b["steps"]
             self.by_class = {c: list(b["by_class"][str(c)]) for c in self.classes}
             self.recent = None if b["recent"] is None else torch.tensor(b["recent"])
-        return meta["round"] + (1 if meta["trained"] else 0)  # the round to run next
+        return meta["round"], meta["epochs_done"]  # where to go on: this round's collection is complete
 
-    def run(self, state=None):
-        """Spends the budget in rounds, training after each; resumes from ``state`` (an ``AttackState``)."""
+    def protocol(self):
+        return self.cfg["protocol"] or ("rounds" if self.cfg["policy"] == "adaptive" else "reference")
+
+    def _collect(self, target, used, bar):
+        """Queries until ``target`` answers are held (the budget and the pool permitting)."""
+        cfg, oracle = self.cfg, self.oracle
+        while len(used) < target:
+            n = min(cfg["query_batch"], target - len(used))
+            idx = self._next_indices(n, used)
+            answers = oracle.query(to_float_tensor(self.pool.x[idx]))
+            if cfg["policy"] == "adaptive":
+                self._bandit_update(idx, answers)
+            used.update(idx.tolist())
+            self.queried.append(idx)
+            self.answers.append(answers.cpu())
+            bar.update(n)
+
+    def _transfer_set(self):
+        """(train indices, train answers, check indices, check answers) of everything collected so far."""
         import torch
 
+        x_idx, y = np.concatenate(self.queried), torch.cat(self.answers)
+        position = np.arange(len(x_idx))
+        f = self.cfg["check_fraction"]
+        check = np.floor((position + 1) * f) > np.floor(position * f)  # fixed per answer: never trained on, ever
+        return x_idx[~check], y[torch.from_numpy(~check)], x_idx[check], y[torch.from_numpy(check)]
+
+    def run(self, state=None):
+        """Spends the budget and trains the clone by the configured protocol; resumes from ``state``."""
         cfg, oracle = self.cfg, self.oracle
         total = min(oracle.budget, len(self.pool))
-        per_round = int(np.ceil(total / cfg["rounds"]))
-        epochs_per_round = max(1, cfg["epochs"] // cfg["rounds"])
-        steps_guess = max(1, int(np.ceil(total / cfg["batch_size"])))
-        opt = make_optimizer(cfg["optimizer"], cfg["schedule"], steps_guess, cfg["epochs"])
+        reference = self.protocol() == "reference"
+        rounds = 1 if reference else cfg["rounds"]
+        per_round = int(np.ceil(total / rounds))
+        epochs_per_round = cfg["epochs"] if reference else max(1, cfg["epochs"] // rounds)
+        opt = make_optimizer(cfg["optimizer"], cfg["schedule"], 1, cfg["epochs"])
         variables = self.clone.trainable_variables
         opt.build(variables)
         models, optimizers = {"clone": self.clone}, {"clone": opt}
         if cfg["policy"] == "adaptive":
             self._bandit_setup()
-        first_round = 0
+        first_round, first_epoch = 0, 0
         if state is not None and (saved := state.restore(oracle, models, optimizers)) is not None:
-            first_round = self._resume(*saved)
+            first_round, first_epoch = self._resume(*saved)
         used = set(np.concatenate(self.queried).tolist()) if self.queried else set()
         bar = progress.bar(total, "knockoff queries", unit="q", initial=len(used))
-        for r in range(first_round, cfg["rounds"]):
-            target = min(total, (r + 1) * per_round)
-            while len(used) < target:
-                n = min(cfg["query_batch"], target - len(used))
-                idx = self._next_indices(n, used)
-                answers = oracle.query(to_float_tensor(self.pool.x[idx]))
-                if cfg["policy"] == "adaptive":
-                    self._bandit_update(idx, answers)
-                used.update(idx.tolist())
-                self.queried.append(idx)
-                self.answers.append(answers.cpu())
-                bar.update(n)
-            if state is not None:
-                state.save(oracle, models, optimizers, *self._snapshot(r, trained=False))
-            x_idx = np.concatenate(self.queried)
-            y = torch.cat(self.answers)
-            n_check = max(1, int(len(x_idx) * cfg["check_fraction"]))
-            for _ in range(epochs_per_round):
-                self._train_epoch(opt, variables, x_idx[n_check:], y[n_check:])
-            check = self._agreement(x_idx[:n_check], y[:n_check])
-            point = {"queries": oracle.queries_used, "attacker_check_agreement": check}
-            if self.evaluate is not None:
-                point.update(self.evaluate(self.clone))
-            self.curve.append(point)
-            bar.set_postfix(check=f"{check:.3f}")
-            progress.log(f"[knockoff] round {r + 1}/{cfg['rounds']}: {oracle.queries_used}/{oracle.budget} queries, "
-                         f"attacker check agreement {check:.4f}")
-            if state is not None:
-                state.save(oracle, models, optimizers, *self._snapshot(r, trained=True))
+        points = set(np.linspace(0, cfg["epochs"], min(cfg["epochs"], cfg["curve_points"]) + 1)[1:].round().astype(int))
+        for r in range(first_round, rounds):
+            self._collect(min(total, (r + 1) * per_round), used, bar)
+            if state is not None and first_epoch == 0:
+                state.save(oracle, models, optimizers, *self._snapshot(r, 0))
+            x_train, y_train, x_check, y_check = self._transfer_set()
+            for e in range(first_epoch, epochs_per_round):
+                epoch = r * epochs_per_round + e  # global epoch: the schedule follows it, whatever the set's size
+                opt.mtk_schedule.set_epoch(epoch)
+                self._train_epoch(opt, variables, x_train, y_train)
+                last = e + 1 == epochs_per_round
+                if (reference and epoch + 1 in points) or last:
+                    self._point(r, epoch + 1, x_check, y_check, len(x_train))
+                if state is not None:
+                    state.save(oracle, models, optimizers, *self._snapshot(r, e + 1))
+            first_epoch = 0
         bar.close()
         return {"queries_used": oracle.queries_used, "curve": self.curve}
+
+    def _point(self, r, epoch, x_check, y_check, n_train):
+        check = self._agreement(x_check, y_check) if len(x_check) else None
+        point = {"queries": self.oracle.queries_used, "epoch": epoch, "transfer_set": n_train,
+                 "attacker_check_agreement": check}
+        if self.evaluate is not None:
+            point.update(self.evaluate(self.clone))
+        self.curve.append(point)
+        progress.log(f"[knockoff] round {r + 1}, epoch {epoch}/{self.cfg['epochs']}: {self.oracle.queries_used}/"
+                     f"{self.oracle.budget} queries, {n_train} answers trained on"
+                     + ("" if check is None else f", attacker check agreement {check:.4f}")
+                     + "".join(f", {k} {v:.4f}" for k, v in point.items() if k.startswith("clone_")))
 
     def _train_epoch(self, opt, variables, x_idx, y):
         import torch

@@ -11,11 +11,18 @@ keras = configure_keras()
 class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Learning rate that changes once per epoch like torch's MultiStepLR / CosineAnnealingLR (stepped per epoch)."""
 
-    def __init__(self, lr, steps_per_epoch, epochs, name="constant", milestones=(), gamma=0.1):
+    def __init__(self, lr, steps_per_epoch, epochs, name="constant", milestones=(), gamma=0.1, offset=0):
         self.lr, self.steps_per_epoch, self.epochs = float(lr), int(steps_per_epoch), int(epochs)
         self.name, self.milestones, self.gamma = name, [int(m) for m in milestones], float(gamma)
+        self.offset = int(offset)  # 1: the scheduler is stepped before each epoch (rates one epoch ahead)
+        self.epoch = None  # set_epoch: the training loop says which epoch it is in (sets of changing size)
+
+    def set_epoch(self, epoch):
+        """Follow the loop's epoch counter instead of deriving the epoch from the step count."""
+        self.epoch = int(epoch)
 
     def lr_at_epoch(self, epoch):
+        epoch += self.offset
         if self.name == "multistep":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.name == "cosine":
@@ -23,12 +30,12 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
         return self.lr
 
     def __call__(self, step):
-        epoch = int(step) // max(1, self.steps_per_epoch)
+        epoch = int(step) // max(1, self.steps_per_epoch) if self.epoch is None else self.epoch
         return self.lr_at_epoch(epoch)
 
     def get_config(self):
         return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "name": self.name,
-                "milestones": self.milestones, "gamma": self.gamma}
+                "milestones": self.milestones, "gamma": self.gamma, "offset": self.offset}
 
 
 def make_optimizer(config, schedule=None, steps_per_epoch=1, epochs=1):
@@ -36,7 +43,7 @@ def make_optimizer(config, schedule=None, steps_per_epoch=1, epochs=1):
     ``apply_gradients`` below, as torch does; adamw decays decoupled inside Keras."""
     schedule = schedule or {"name": "constant"}
     lr = EpochSchedule(config["lr"], steps_per_epoch, epochs, schedule.get("name", "constant"),
-                       schedule.get("milestones", ()), schedule.get("gamma", 0.1))
+                       schedule.get("milestones", ()), schedule.get("gamma", 0.1), schedule.get("offset", 0))
     clip = config.get("clip_norm")
     name = config.get("name", "sgd")
     if name == "sgd":
