@@ -164,6 +164,61 @@ def test_the_released_flaw_splits_a_presets_table():
                                                                "misleader-released (prob-as-logit flaw)"}
 
 
+def test_a_column_whose_undefended_clone_is_at_chance_ranks_nothing(tmp_path):
+    """The validity rule: undefended clone within 2 points of chance (MNIST: 10 %) -> "attack has not started: no
+    ranking" and every cell of that column marked; a column whose undefended clone learned is ranked as usual. A
+    table run with the released flaw says so under its heading."""
+    from toolkit.experiments.report import write_experiment_report
+    from toolkit.experiments.store import ResultsStore
+
+    store = ResultsStore(tmp_path / "results" / "x")
+    records = [_record(0, "mnist-lenet5", "target", "undefended", "lenet5", 0.1150, 0),  # 1.5 points above chance
+               _record(1, "mnist-misleader", "defense", "misleader", "lenet5", 0.0974, 0),
+               _record(2, "mnist-lenet5", "target", "undefended", "lenet5_half", 0.1250, 0),  # 2.5 points: started
+               _record(3, "mnist-misleader", "defense", "misleader", "lenet5_half", 0.0980, 0)]
+    flawed = [_record(4 + i, *r, 0) for i, r in enumerate([("mnist-lenet5", "target", "undefended", "lenet5", 0.5),
+                                                           ("mnist-misleader", "defense", "misleader", "lenet5", 0.3)])]
+    for r in flawed:
+        r["threat_spec"]["dfme"] = {"released_prob_as_logit": True}
+    store.records.mkdir(parents=True, exist_ok=True)
+    for r in records + flawed:
+        (store.records / f"{r['id']}.json").write_text(json.dumps(r))
+    rows = write_experiment_report(store, tmp_path / "rep", "mtk report x", "title")
+    md = (tmp_path / "rep.md").read_text()
+    honest = md[:md.index("(prob-as-logit flaw) preset")]
+    assert "Column lenet5: attack has not started: no ranking" in honest
+    assert "lenet5_half: attack has not started" not in honest
+    assert "| undefended (mnist-lenet5) | 11.50 ± 0.00 [1] (not started) | 12.50 ± 0.00 [1] |" in md
+    assert "| misleader (mnist-misleader) | 9.74 ± 0.00 [1] (not started) (paper 11.81 ± 0.64) | 9.80 ± 0.00 [1] (paper" \
+        in md
+    assert {(r["clone"], r["attack_started"]) for r in rows if "flaw" not in r["preset"]} == {
+        ("lenet5", False), ("lenet5_half", True)}
+    flaw_table = md[md.index("(prob-as-logit flaw) preset"):]
+    assert flaw_table.index("with the released evaluation's flaw") < flaw_table.index("| defense (victim) |")
+    assert "not started" not in flaw_table.split("## Details")[0]
+
+
+def test_a_cell_is_new_when_a_default_of_its_attack_changes(tmp_path):
+    """Cell ids hash the threat with its defaults filled: spelling a default out keeps the id (and its record), a
+    different query space is a different cell, and another attack's block does not touch a DFME cell."""
+    from toolkit.experiments.grid import expand
+
+    def cell_id(dfme=None, knockoff=None):
+        threat = {"kind": "threat", "attack": "dfme", "victim": "unused"}
+        threat.update({k: v for k, v in (("dfme", dfme), ("knockoff", knockoff)) if v is not None})
+        path = write(tmp_path / "t.json", threat)
+        exp = {"kind": "experiment", "name": "g", "defenses": ["runs/targets/v"], "threats": [path], "budgets": [1000],
+               "seeds": [0], "clones": ["lenet5"]}
+        from toolkit.schemas import load_spec
+
+        return expand(load_spec(exp, kind="experiment"))[0]["id"]
+
+    base = cell_id()
+    assert cell_id({"query_space": "reference"}) == base
+    assert cell_id({"query_space": "unit"}) != base
+    assert cell_id(knockoff={"epochs": 7}) == base
+
+
 def test_rows_follow_the_papers_order():
     """Defense rows read as in the paper's Table 1 (undefended, RandP, P-poison, GRAD, MeCo, ACT, DNF, MISLEADER last);
     defenses the paper's Table 1 lacks sit before MISLEADER, unknown ones alphabetically."""

@@ -76,6 +76,15 @@ def normalised_test_loader(data, batch=500):
     return torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False)
 
 
+def stub_modules(*names):
+    """CPU shim: empty stand-ins for modules the reference imports but never uses on the paths run here."""
+    for name in names:
+        stub = types.ModuleType(name)
+        stub.__getattr__ = lambda attr: None
+        stub.__path__ = []
+        sys.modules.setdefault(name, stub)
+
+
 def write(name, record):
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / f"{name}.json"
@@ -97,8 +106,7 @@ def dfme_reference(args):
 
     victim, data = victim_and_data(args.victim)
     ref = pathlib.Path(args.ref).resolve() / "dfme"
-    for stub in ("ipdb", "scipy", "scipy.linalg"):  # imported by the reference, never used on this path
-        sys.modules.setdefault(stub, types.ModuleType(stub))
+    stub_modules("ipdb", "scipy", "scipy.linalg")
     sys.path.insert(0, str(ref))
     work = tempfile.mkdtemp(prefix="cake-dfme-")
     os.chdir(work)  # it writes logs and checkpoints relative to the working directory
@@ -185,6 +193,8 @@ def knockoff_reference(args):
     victim, data = victim_and_data(args.victim)
     sys.path.insert(0, str(pathlib.Path(args.ref).resolve()))
     sys.path.insert(0, str(pathlib.Path(args.cake).resolve() / "dfme"))
+    stub_modules("ipdb", "scipy", "scipy.linalg",  # Cadene's ImageNet zoo, imported by knockoffnets' model zoo:
+                 "pretrainedmodels", "pretrainedmodels.models", "pretrainedmodels.models.torchvision_models")
     import knockoff.config as kcfg
     from knockoff import datasets as kdatasets
     from knockoff.adversary.train import get_optimizer, samples_to_transferset

@@ -122,9 +122,13 @@ class KnockoffAttack:
         points = set(np.linspace(0, cfg["epochs"], min(cfg["epochs"], cfg["curve_points"]) + 1)[1:].round().astype(int))
         for r in range(first_round, rounds):
             self._collect(min(total, (r + 1) * per_round), used, bar)
+            if r + 1 == rounds:
+                bar.close()  # the budget is spent: what follows is training (one bar per round of epochs)
             if state is not None and first_epoch == 0:
                 state.save(oracle, models, optimizers, *self._snapshot(r, 0))
             x_train, y_train, x_check, y_check = self._transfer_set()
+            epoch_bar = progress.bar(epochs_per_round, f"knockoff training, round {r + 1}/{rounds}", unit="epoch",
+                                     initial=first_epoch)
             for e in range(first_epoch, epochs_per_round):
                 epoch = r * epochs_per_round + e  # global epoch: the schedule follows it, whatever the set's size
                 opt.mtk_schedule.set_epoch(epoch)
@@ -134,6 +138,8 @@ class KnockoffAttack:
                     self._point(r, epoch + 1, x_check, y_check, len(x_train))
                 if state is not None:
                     state.save(oracle, models, optimizers, *self._snapshot(r, e + 1))
+                epoch_bar.update(1)
+            epoch_bar.close()
             first_epoch = 0
         bar.close()
         return {"queries_used": oracle.queries_used, "curve": self.curve}

@@ -36,6 +36,11 @@ def available_datasets():
     return sorted(_DATASETS)
 
 
+def dataset_info(name):
+    """The registered facts of dataset ``name`` (class count, statistics), or None for an unknown name."""
+    return _DATASETS.get(name)
+
+
 register_dataset("mnist", lambda root, dl, o: sources.load_idx_dataset(root, "MNIST", "MNIST", dl), 10,
                  (0.1307,), (0.3081,), image_size=32)
 register_dataset("fashion_mnist",

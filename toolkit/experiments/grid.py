@@ -1,8 +1,9 @@
 """An experiment spec expanded into cells: one attack run each (defense x threat x clone x budget x seed).
 
 A cell is a complete threat spec (the threat file with its victim, clone, budget and seed replaced and the matching
-overrides applied) plus the coordinates that name it. Its id is a hash of that threat spec and the victim, so a
-cell keeps its id (and its finished record) across re-runs and edits that do not change it.
+overrides applied) plus the coordinates that name it. Its id is a hash of that threat spec with its defaults filled,
+so a cell keeps its id (and its finished record) across re-runs and edits that do not change what it runs, and gets
+a new one when a default of its attack changes.
 """
 
 import copy
@@ -41,6 +42,17 @@ def victim_name(defense):
     return str(folder / "members" / member if member else folder)
 
 
+ATTACK_BLOCKS = ("dfme", "dfms_hl", "knockoff")
+
+
+def _cell_id(threat):
+    """Hash of the resolved threat (defaults filled) minus its name and the other attacks' blocks: a changed default
+    of the attack a cell runs (e.g. DFME's query space) makes it a new cell, never a finished one."""
+    kept = {k: v for k, v in threat.items()
+            if k not in ("name", "description") and (k not in ATTACK_BLOCKS or k == threat["attack"].replace("-", "_"))}
+    return spec_hash({"threat": kept})[:12]
+
+
 def expand(spec, source="<experiment>"):
     """The cells of an experiment spec (defaults filled), in a stable order."""
     cells = []
@@ -64,9 +76,10 @@ def expand(spec, source="<experiment>"):
                     for dotted, value in override["set"].items():
                         _set_dotted(threat, dotted, value, f"{source}: $.overrides[{i}]")
             coords.update(budget=threat["budget"], clone=threat["clone"]["architecture"])  # as overridden
-            cell_id = spec_hash({"threat": {k: v for k, v in threat.items() if k not in ("name", "description")}})[:12]
+            threat["name"] = f"{spec['name']}-cell"
+            threat = load_spec(threat, kind="threat", source=f"{source}: cell of {threat_path}")
+            cell_id = _cell_id(threat)
             threat["name"] = f"{spec['name']}-{cell_id}"
-            threat = load_spec(threat, kind="threat", source=f"{source}: cell {cell_id} ({threat_path})")
             cells.append({"id": cell_id, **coords, "preset": threat["preset"], "threat_spec": threat})
     ids = [c["id"] for c in cells]
     if len(set(ids)) != len(ids):

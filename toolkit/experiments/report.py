@@ -240,10 +240,30 @@ def released_flaw(threat_spec):
     return bool((threat_spec.get("dfme") or {}).get("released_prob_as_logit"))
 
 
+FLAW_LABEL = "(prob-as-logit flaw)"
+CHANCE_MARGIN = 2.0  # points: an undefended clone this close to chance means the attack has not started
+
+
+def chance(dataset):
+    """Top-1 accuracy of a uniform guess on ``dataset``, in %; None when its class count is unknown."""
+    from toolkit.data.registry import dataset_info
+
+    info = dataset_info(dataset)
+    return 100.0 / info.num_classes if info is not None and info.num_classes else None
+
+
+def not_started(group, clone):
+    """The validity rule: a table column (one clone) whose undefended clone is within CHANCE_MARGIN of chance
+    ranks no defense. A column without an undefended row is not judged here."""
+    base = next((r for r in group if r["clone"] == clone and r["method"] == "undefended"), None)
+    level = chance(base["dataset"]) if base else None
+    return level is not None and base["clone_acc_mean"] - level <= CHANCE_MARGIN
+
+
 def _preset(rec):
     """A cell's attack preset as its table names it; the released prob-as-logit flaw is part of it (the release
     applies it to ensembles only, so one preset is run with and without it)."""
-    return rec["cell"]["preset"] + (" (prob-as-logit flaw)" if released_flaw(rec["threat_spec"]) else "")
+    return rec["cell"]["preset"] + (f" {FLAW_LABEL}" if released_flaw(rec["threat_spec"]) else "")
 
 
 def experiment_rows(records):
@@ -273,6 +293,9 @@ def experiment_rows(records):
                      "paper_clone_std": paper[1] if paper else None,
                      "paper_arch_exact": paper[2] if paper else None,
                      "wall_minutes": sum(r["wall_seconds"] for r in results) / 60})
+    for _, group in _by_table(rows):  # the validity rule, for machine readers too
+        for r in group:
+            r["attack_started"] = not not_started(group, r["clone"])
     return rows
 
 
@@ -354,8 +377,17 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
     for (dataset, attack, preset, budget, schedule, output), group in _by_table(rows):
         clones = sorted(dict.fromkeys(r["clone"] for r in group), key=rank)
         of = f" (the first {budget:,} of a {schedule:,}-query schedule)" if schedule else ""
-        lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries{of}", "",
-                  "| defense (victim) | " + " | ".join(clones) + " |", "|---|" + "---|" * len(clones)]
+        lines += [f"## {dataset}: {attack}, {preset} preset, {output}-label API, budget {budget:,} queries{of}", ""]
+        if FLAW_LABEL in preset:
+            lines += ["Run **with the released evaluation's flaw** (the victim's probabilities fed to the clone's loss "
+                      "as if they were logits): not a valid DFME attack, kept only to compare with the released "
+                      "numbers.", ""]
+        unstarted = [c for c in clones if not_started(group, c)]
+        if unstarted:
+            lines += [f"Column {', '.join(unstarted)}: attack has not started: no ranking (the undefended target's "
+                      f"clone is within {CHANCE_MARGIN:g} points of chance, {chance(dataset):.2f} %, so this column "
+                      "says nothing about any defense).", ""]
+        lines += ["| defense (victim) | " + " | ".join(clones) + " |", "|---|" + "---|" * len(clones)]
         for (method, victim, kind), vrows in _by_victim(group):
             cells = []
             for clone in clones:
@@ -364,6 +396,8 @@ def write_experiment_report(store, out, command, title, defense_folders=(), cell
                     cells.append("")
                     continue
                 text = _fmt(r["clone_acc_mean"], r["clone_acc_std"], r["seeds"])
+                if clone in unstarted:
+                    text += " (not started)"
                 if r["paper_clone_acc"] is not None:
                     mark = "" if r["paper_arch_exact"] else "≈"
                     std = f" ± {r['paper_clone_std']:.2f}" if r["paper_clone_std"] is not None else ""
