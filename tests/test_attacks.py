@@ -198,3 +198,55 @@ def test_checkpoint_of_another_spec_is_refused(tmp_path, cli_env, mnist_victim):
     assert result.exit_code == 2 and "checkpoint of a different threat spec" in result.stderr
     result = CliRunner().invoke(main, ["extract", str(path), "--out", str(tmp_path / "run"), "--force"])
     assert result.exit_code == 0, result.output
+
+
+def test_dfms_hl_stage4_schedule_is_torchs_cosine_with_the_reference_warmup():
+    """val-iisc stage 4: SGD 0.01, CosineAnnealingLR(T_max=niter) stepped per epoch, --warmup setting the rate to
+    0.001 * epoch after each epoch < 10. Our per-epoch rates equal torch's own, run the same way."""
+    from toolkit.training.optim import EpochSchedule
+
+    niter = 40
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=niter)
+    reference = []
+    for epoch in range(niter):
+        reference.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+        if epoch < 10:
+            for group in opt.param_groups:
+                group["lr"] = 0.001 * epoch
+    ours = EpochSchedule(0.01, 1, niter, "cosine", warmup_epochs=10, warmup_lr=0.001)
+    np.testing.assert_allclose([ours.lr_at_epoch(e) for e in range(niter)], reference, rtol=1e-9, atol=1e-12)
+    plain = EpochSchedule(0.01, 1, niter, "cosine")
+    assert plain.lr_at_epoch(1) > 0.009 and ours.lr_at_epoch(1) == 0.0  # the reference's epoch at rate 0
+
+
+def test_dfms_hl_batches_mix_sources_augment_and_keep_the_check_slice():
+    """Stages 2-3 as the reference: each batch is 128 proxy + 102 generated images, pad-crop (+ flip) with mid-grey
+    padding; stage 3 'scratch' trains on proxy + DivGAN labels only; check labels are never trained on."""
+    from toolkit.attacks.dfms_hl import DIVGAN, INIT, PROXY, DFMSHLAttack
+    from toolkit.schemas import load_spec
+
+    cfg = load_spec({"kind": "threat", "attack": "dfms-hl", "victim": "v"})["dfms_hl"]
+    assert (cfg["clone_batch_size"], cfg["clone_mix"], cfg["clone_augment"], cfg["divgan_epochs"],
+            cfg["divgan_clone_from"], cfg["sample_mode"], cfg["alt_schedule"]) == (
+        128, "per-source", "pad-crop-flip", 100, "scratch", "eval", "cosine")
+    attack = DFMSHLAttack.__new__(DFMSHLAttack)
+    attack.cfg, attack.check_fraction, attack.rng = cfg, 0.05, np.random.default_rng(0)
+    attack.labelled_y = np.zeros(3000, np.int64)
+    attack.labelled_source = np.repeat(np.array([PROXY, INIT, DIVGAN], np.int8), 1000)
+    (proxy, b1), (generated, b2) = attack._parts([PROXY, DIVGAN])
+    assert (b1, b2) == (128, 102)
+    assert set(attack.labelled_source[proxy]) == {PROXY} and set(attack.labelled_source[generated]) == {DIVGAN}
+    _, check = attack._split_check()
+    assert len(check) == 150 and not set(check) & (set(proxy) | set(generated))
+    attack.labelled_y = np.zeros(2000, np.int64)  # fewer labels (an earlier stage): its check slice is a prefix
+    attack.labelled_source = attack.labelled_source[:2000]
+    assert set(attack._split_check()[1]) <= set(check)
+    x = torch.rand(64, 1, 32, 32)
+    out = attack._augment_batch(x)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert bool(((out == 0.5).flatten(1).any(1)).float().mean() > 0.5)  # most images show some grey padding
+    attack.cfg = {**cfg, "clone_augment": "none"}
+    assert torch.equal(attack._augment_batch(x), x)

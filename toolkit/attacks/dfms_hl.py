@@ -1,17 +1,20 @@
 """DFMS-HL (Sanyal et al., CVPR 2022): data-free model stealing with hard labels, a DCGAN and proxy data.
 
-Stages (the val-iisc code's order; every victim label goes through the oracle and counts):
+Stages (the val-iisc code's order and, by default, its settings; every victim label goes through the oracle):
 1. ``gan``: a DCGAN learns the proxy data (no victim signal, no queries).
-2. ``init``: the proxy images and ``init_generated`` DCGAN samples are labelled by the victim (top-1), the clone is
-   trained on them with cross-entropy (SGD, cosine).
+2. ``init``: the proxy images and ``init_generated`` DCGAN samples (generator in eval mode) are labelled by the
+   victim (top-1); the clone trains on them with cross-entropy (SGD 0.1, cosine; batches of 128 proxy + 102
+   generated images, pad-crop + flip).
 3. ``divgan``: the generator keeps its adversarial loss and adds the class-diversity loss
-   ``sum_k pbar_k log pbar_k`` (pbar: the clone's batch-mean softmax on G(z); no queries), then ``divgan_samples``
-   samples are labelled and the clone retrains on everything labelled so far.
-4. ``alternate``: per step, G(z) -> AutoAugment -> victim labels -> one clone step; one generator step (adversarial
-   + diversity); one discriminator step; until the budget is spent.
-Labelled sets are sent as 8-bit images, as an image API receives them, and kept so a killed run resumes.
+   ``sum_k pbar_k log pbar_k`` (pbar: the stage-2 clone's batch-mean softmax on G(z); no queries), then
+   ``divgan_samples`` samples are labelled and a clone trained from scratch on proxy + DivGAN samples.
+4. ``alternate``: per step, G(z) -> AutoAugment -> victim labels -> one clone step (SGD 0.01, warm-up then cosine
+   over ``alt_epochs`` proxy-sized epochs); one generator step (adversarial + diversity); one discriminator step;
+   until the budget is spent.
+Every departure kept from mtk's earlier version is a named field (clone_mix, clone_augment, divgan_clone_from,
+sample_mode, alt_schedule). Labelled sets are sent as 8-bit images, as an image API receives them, and kept so a
+killed run resumes. The attacker's check slice is every 1/check_fraction-th labelled image, never trained on.
 """
-
 import numpy as np
 
 from toolkit import progress
@@ -20,6 +23,9 @@ from toolkit.oracle import BudgetExhausted
 from toolkit.training.optim import apply_gradients, make_optimizer, zero_grad
 
 PHASES = ("gan", "init", "divgan", "divgan_label", "alternate")
+PROXY, INIT, DIVGAN = 0, 1, 2  # the sources of labelled images
+REFERENCE_WARMUP_LR = 0.001  # val-iisc train_generator_clone.py: inital_lr, hard-coded
+PAD = 4  # RandomCrop(32, padding=4)
 
 
 def class_diversity_loss(logits):
@@ -44,25 +50,26 @@ class DFMSHLAttack:
         self.rng = np.random.default_rng(seed)
         self.labelled_x = np.zeros((0,) + tuple(proxy_x.shape[1:]), np.uint8)
         self.labelled_y = np.zeros((0,), np.int64)
+        self.labelled_source = np.zeros((0,), np.int8)  # PROXY, INIT or DIVGAN: which stage's images each label is
+        self.initial_weights = [np.copy(w) for w in clone.get_weights()]  # "from scratch" in stage 3
         self.curve, self.check = [], []
         gan_opt = {"name": "adam", "lr": cfg["gan_lr"], "betas": [cfg["gan_beta1"], 0.999]}
         steps = max(1, len(proxy_x) // cfg["gan_batch_size"])
         self.opt_g, self.opt_d = make_optimizer(gan_opt), make_optimizer(gan_opt)
-        n_init = len(proxy_x) + cfg["init_generated"]
-        n_div = n_init + cfg["divgan_samples"]
-        cosine = {"name": "cosine"}
-        self.opt_init = make_optimizer(cfg["clone_optimizer"], cosine, self._steps(n_init), max(1, cfg["init_epochs"]))
-        self.opt_div = make_optimizer(cfg["clone_optimizer"], cosine, self._steps(n_div),
-                                      max(1, cfg["divgan_clone_epochs"]))
-        self.opt_alt = make_optimizer({"name": "sgd", "lr": cfg["alt_lr"], "momentum": 0.9, "weight_decay": 5e-4})
+        cosine = {"name": "cosine"}  # per epoch; the stage loops say which epoch it is (set_epoch)
+        self.opt_init = make_optimizer(cfg["clone_optimizer"], cosine, 1, max(1, cfg["init_epochs"]))
+        self.opt_div = make_optimizer(cfg["clone_optimizer"], cosine, 1, max(1, cfg["divgan_clone_epochs"]))
+        self.alt_epoch_steps = max(1, int(np.ceil(len(proxy_x) / cfg["alt_batch_size"])))
+        alt = {"name": "constant"} if cfg["alt_schedule"] == "constant" else {
+            "name": "cosine", "warmup_epochs": cfg["alt_warmup_epochs"], "warmup_lr": REFERENCE_WARMUP_LR}
+        self.opt_alt = make_optimizer({"name": "sgd", "lr": cfg["alt_lr"], "momentum": 0.9, "weight_decay": 5e-4},
+                                      alt, self.alt_epoch_steps, cfg["alt_epochs"])
         self.gan_steps = steps
+        self.alt_steps_done = 0  # stage-4 steps so far: its schedule's epoch
         self.opt_g.build(generator.trainable_variables)
         self.opt_d.build(discriminator.trainable_variables)
         for opt in (self.opt_init, self.opt_div, self.opt_alt):
             opt.build(clone.trainable_variables)
-
-    def _steps(self, n):
-        return max(1, int(np.ceil(n * (1 - self.check_fraction) / self.cfg["clone_batch_size"])))
 
     def models(self):
         return ({"clone": self.clone, "generator": self.generator, "discriminator": self.discriminator},
@@ -112,12 +119,14 @@ class DFMSHLAttack:
         out = []
         with torch.no_grad():
             for i in range(0, n, batch):
-                x = (torch.tanh(forward(self.generator, self._z(min(batch, n - i)), True)) + 1) / 2
+                pre = forward(self.generator, self._z(min(batch, n - i)), self.cfg["sample_mode"] == "train")
+                x = (torch.tanh(pre) + 1) / 2
                 out.append(torch.round(x * 255).to(torch.uint8).numpy())
         return np.concatenate(out) if out else np.zeros((0,) + tuple(self.proxy_x.shape[1:]), np.uint8)
 
-    def label(self, x_uint8, batch=512):
-        """Victim top-1 labels for ``x_uint8``, appended to the labelled set (stops cleanly at the budget)."""
+    def label(self, x_uint8, source, batch=512):
+        """Victim top-1 labels for ``x_uint8`` (from ``source``), appended to the labelled set (stops cleanly at the
+        budget)."""
         import torch
 
         n = min(len(x_uint8), self.oracle.remaining)
@@ -126,27 +135,66 @@ class DFMSHLAttack:
             y = labels_of(self.oracle.query(torch.from_numpy(chunk))).cpu().numpy().astype(np.int64)
             self.labelled_x = np.concatenate([self.labelled_x, chunk])
             self.labelled_y = np.concatenate([self.labelled_y, y])
+            self.labelled_source = np.concatenate([self.labelled_source, np.full(len(y), source, np.int8)])
         return n
 
     def _split_check(self):
-        n = len(self.labelled_y)
-        n_check = max(1, int(n * self.check_fraction)) if n > 1 else 0
-        order = np.random.default_rng(0).permutation(n)  # fixed: the same check images for the whole run
-        return order[n_check:], order[:n_check]
+        """(train, check) indices: every 1/check_fraction-th label by arrival is checked, never trained on, so the
+        slice of a stage stays the slice when later stages add labels."""
+        position = np.arange(len(self.labelled_y))
+        f = self.check_fraction
+        check = np.floor((position + 1) * f) > np.floor(position * f)
+        return position[~check], position[check]
 
-    def clone_epoch(self, opt):
+    def _parts(self, sources):
+        """The training batches' sources: [(indices, batch size), ...] for the stage's labelled ``sources``."""
+        cfg = self.cfg
+        train_idx, _ = self._split_check()
+        train_idx = train_idx[np.isin(self.labelled_source[train_idx], sources)]
+        bs = cfg["clone_batch_size"]
+        if cfg["clone_mix"] == "pooled":
+            return [(train_idx, bs)]
+        proxy = train_idx[self.labelled_source[train_idx] == PROXY]
+        generated = train_idx[self.labelled_source[train_idx] != PROXY]
+        parts = [(proxy, bs), (generated, max(1, int(round(bs * cfg["generated_batch_ratio"]))))]
+        return [(idx, b) for idx, b in parts if len(idx)]
+
+    def _augment_batch(self, x):
+        """RandomCrop(padding 4) with mid-grey padding (0 in the reference's [-1, 1] space) and, for pad-crop-flip,
+        a horizontal flip with probability 1/2; per image, drawn from the attack's seeded generator."""
+        import torch
+
+        mode = self.cfg["clone_augment"]
+        if mode == "none":
+            return x
+        n, _, h, w = x.shape
+        padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD), value=0.5)
+        oy, ox = (torch.from_numpy(self.rng.integers(0, 2 * PAD + 1, n)) for _ in range(2))
+        rows = (oy[:, None] + torch.arange(h))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w))[:, None, None, :]
+        out = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
+        if mode == "pad-crop-flip":
+            flip = torch.from_numpy(self.rng.random(n) < 0.5)[:, None, None, None]
+            out = torch.where(flip, out.flip(3), out)
+        return out
+
+    def clone_epoch(self, opt, sources=(PROXY, INIT, DIVGAN)):
+        """One epoch over the labelled images of ``sources``; 'per-source' batches end with the shorter source."""
         import torch
         import torch.nn.functional as F
 
         from toolkit.data.batches import to_float_tensor
 
-        train_idx, _ = self._split_check()
-        order = self.rng.permutation(train_idx)
-        bs, variables = self.cfg["clone_batch_size"], self.clone.trainable_variables
+        parts = [(self.rng.permutation(idx), b) for idx, b in self._parts(list(sources))]
+        if not parts:
+            return None
+        steps = min(int(np.ceil(len(idx) / b)) for idx, b in parts)
+        variables = self.clone.trainable_variables
         loss = None
-        for i in range(0, len(order), bs):
-            sel = np.sort(order[i:i + bs])
-            logits = forward(self.clone, to_float_tensor(self.labelled_x[sel]), True)
+        for i in range(steps):
+            sel = np.concatenate([idx[i * b:(i + 1) * b] for idx, b in parts])
+            x = self._augment_batch(to_float_tensor(self.labelled_x[sel]))
+            logits = forward(self.clone, x, True)
             loss = F.cross_entropy(logits, torch.from_numpy(self.labelled_y[sel]))
             zero_grad(variables)
             loss.backward()
@@ -187,6 +235,8 @@ class DFMSHLAttack:
         with torch.no_grad():
             x = self._augment((torch.tanh(forward(self.generator, self._z(n), True)) + 1) / 2)
         y = labels_of(self.oracle.query(x))
+        self.opt_alt.mtk_schedule.set_epoch(self.alt_steps_done // self.alt_epoch_steps)
+        self.alt_steps_done += 1
         logits = forward(self.clone, x, True)
         self.check.append(float((logits.detach().argmax(1) == y).float().mean()))
         loss = F.cross_entropy(logits, y)
@@ -207,7 +257,8 @@ class DFMSHLAttack:
         models, optimizers = self.models()
         meta = {"stage": stage, "epoch": epoch, "curve": self.curve, "rng": self.rng.bit_generator.state, **extra}
         state.save(self.oracle, models, optimizers, meta, {"labelled_x": self.labelled_x,
-                                                           "labelled_y": self.labelled_y})
+                                                           "labelled_y": self.labelled_y,
+                                                           "labelled_source": self.labelled_source})
 
     def run(self, state=None, checkpoint_every=None, progress_every=None, evaluate=None):
         """Runs (or resumes) the stages; returns the accuracy-vs-queries curve."""
@@ -219,6 +270,7 @@ class DFMSHLAttack:
             meta, arrays = saved
             self.curve, self.rng.bit_generator.state = meta["curve"], meta["rng"]
             self.labelled_x, self.labelled_y = arrays["labelled_x"], arrays["labelled_y"]
+            self.labelled_source = arrays["labelled_source"]
             phase, epoch = meta["stage"], meta["epoch"]
         if meta.get("finished"):
             return self.curve
@@ -233,15 +285,18 @@ class DFMSHLAttack:
 
         try:
             self._gan_stage("gan", cfg["gan_epochs"], 0.0, start("gan"), state)
-            self._clone_stage("init", cfg["init_generated"], cfg["init_epochs"], self.opt_init, start("init"),
-                              labelled("init"), state, evaluate, include_proxy=True)
+            self._clone_stage("init", INIT, cfg["init_generated"], cfg["init_epochs"], self.opt_init, start("init"),
+                              labelled("init"), state, evaluate, sources=(PROXY, INIT))
             self._gan_stage("divgan", cfg["divgan_epochs"], cfg["diversity_weight"], start("divgan"), state)
-            self._clone_stage("divgan_label", cfg["divgan_samples"], cfg["divgan_clone_epochs"], self.opt_div,
-                              start("divgan_label"), labelled("divgan_label"), state, evaluate, include_proxy=False)
+            scratch = cfg["divgan_clone_from"] == "scratch"
+            self._clone_stage("divgan_label", DIVGAN, cfg["divgan_samples"], cfg["divgan_clone_epochs"], self.opt_div,
+                              start("divgan_label"), labelled("divgan_label"), state, evaluate,
+                              sources=(PROXY, DIVGAN) if scratch else (PROXY, INIT, DIVGAN), scratch=scratch)
         except BudgetExhausted:
             pass
         self.check = collections.deque(maxlen=16)
         steps, limit, n = start("alternate") or 0, cfg["alt_steps"], cfg["alt_batch_size"]
+        self.alt_steps_done = steps
         every_point = max(1, (progress_every or self.oracle.budget) // n)
         every_save = max(1, (checkpoint_every or self.oracle.budget) // n)
         bar = progress.bar(self.oracle.budget, "dfms-hl alternate", unit="q", initial=self.oracle.queries_used)
@@ -278,20 +333,25 @@ class DFMSHLAttack:
             self._save(state, stage, epoch + 1)
         bar.close()
 
-    def _clone_stage(self, stage, n_generated, epochs, opt, start, labelled, state, evaluate, include_proxy):
+    def _clone_stage(self, stage, source, n_generated, epochs, opt, start, labelled, state, evaluate, sources,
+                     scratch=False):
         if start is None:
             return
         if not labelled:
-            if include_proxy:
-                self.label(self.proxy_x)
-            self.label(self.sample_images(min(n_generated, self.oracle.remaining)))
+            if source == INIT:
+                self.label(self.proxy_x, PROXY)
+            self.label(self.sample_images(min(n_generated, self.oracle.remaining)), source)
+            if scratch:  # a fresh clone (the initial weights); saved at once, so a resumed run keeps training it
+                self.clone.set_weights(self.initial_weights)
             start = 0
             self._save(state, stage, 0, labelled=True)
-        progress.log(f"[dfms-hl] {stage}: {len(self.labelled_y)} labelled images, {self.oracle.queries_used}/"
-                     f"{self.oracle.budget} queries")
+        used = int(np.isin(self.labelled_source, sources).sum())
+        progress.log(f"[dfms-hl] {stage}: {len(self.labelled_y)} labelled images ({used} used by this stage), "
+                     f"{self.oracle.queries_used}/{self.oracle.budget} queries")
         bar = progress.bar(max(0, epochs - start), f"dfms-hl {stage} clone", unit="epoch")
         for epoch in range(start, epochs):
-            loss = self.clone_epoch(opt)
+            opt.mtk_schedule.set_epoch(epoch)
+            loss = self.clone_epoch(opt, sources)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}" if loss is not None else "-", refresh=False)
             self._save(state, stage, epoch + 1, labelled=True)

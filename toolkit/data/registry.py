@@ -209,7 +209,10 @@ def images_like(config, input_shape, data_root=None, splits=("train",), size=Non
     (C, H, W): attacker proxy sets and defenders' OOD sets. ``what`` names the spec field in errors."""
     channels, side = int(input_shape[0]), int(input_shape[1])
     synthetic = {"name": "shapes", "val_size": 0, "count": max(1000, size or 50000)}  # generate only what is used
-    config = {"channels": channels, "image_size": side, **(config or synthetic)}
+    config = dict(config or synthetic)
+    for key, value in (("channels", channels), ("image_size", side)):  # what the model takes, unless the spec says
+        if config.get(key) is None:
+            config[key] = value
     data = load_dataset(config, data_root)
     if data.input_shape != tuple(input_shape):
         raise UserError(f"{what}: dataset '{data.name}' gives images {data.input_shape}, the model takes "

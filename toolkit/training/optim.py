@@ -11,10 +11,14 @@ keras = configure_keras()
 class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """Learning rate that changes once per epoch like torch's MultiStepLR / CosineAnnealingLR (stepped per epoch)."""
 
-    def __init__(self, lr, steps_per_epoch, epochs, name="constant", milestones=(), gamma=0.1, offset=0):
+    def __init__(self, lr, steps_per_epoch, epochs, name="constant", milestones=(), gamma=0.1, offset=0,
+                 warmup_epochs=0, warmup_lr=0.0):
         self.lr, self.steps_per_epoch, self.epochs = float(lr), int(steps_per_epoch), int(epochs)
         self.name, self.milestones, self.gamma = name, [int(m) for m in milestones], float(gamma)
         self.offset = int(offset)  # 1: the scheduler is stepped before each epoch (rates one epoch ahead)
+        # val-iisc's --warmup (DFMS-HL stage 4): after each epoch e < W it sets the rate to warmup_lr * e, so epoch
+        # k in 1..W runs at warmup_lr * (k - 1); the chained cosine then carries on from there (see lr_at_epoch).
+        self.warmup_epochs, self.warmup_lr = int(warmup_epochs), float(warmup_lr)
         self.epoch = None  # set_epoch: the training loop says which epoch it is in (sets of changing size)
 
     def set_epoch(self, epoch):
@@ -23,11 +27,19 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def lr_at_epoch(self, epoch):
         epoch += self.offset
+        w = self.warmup_epochs
+        if w and 1 <= epoch <= w:
+            return self.warmup_lr * (epoch - 1)
         if self.name == "multistep":
             return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
         if self.name == "cosine":
-            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs))
+            if w and epoch > w:  # torch's chained cosine from the last warm-up rate: ratios of (1 + cos) telescope
+                return self.warmup_lr * (w - 1) * self._cos(epoch) / self._cos(w)
+            return self.lr * 0.5 * self._cos(epoch)
         return self.lr
+
+    def _cos(self, epoch):
+        return 1.0 + math.cos(math.pi * min(epoch, self.epochs) / self.epochs)
 
     def __call__(self, step):
         epoch = int(step) // max(1, self.steps_per_epoch) if self.epoch is None else self.epoch
@@ -35,7 +47,8 @@ class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
 
     def get_config(self):
         return {"lr": self.lr, "steps_per_epoch": self.steps_per_epoch, "epochs": self.epochs, "name": self.name,
-                "milestones": self.milestones, "gamma": self.gamma, "offset": self.offset}
+                "milestones": self.milestones, "gamma": self.gamma, "offset": self.offset,
+                "warmup_epochs": self.warmup_epochs, "warmup_lr": self.warmup_lr}
 
 
 def make_optimizer(config, schedule=None, steps_per_epoch=1, epochs=1):
@@ -43,7 +56,8 @@ def make_optimizer(config, schedule=None, steps_per_epoch=1, epochs=1):
     ``apply_gradients`` below, as torch does; adamw decays decoupled inside Keras."""
     schedule = schedule or {"name": "constant"}
     lr = EpochSchedule(config["lr"], steps_per_epoch, epochs, schedule.get("name", "constant"),
-                       schedule.get("milestones", ()), schedule.get("gamma", 0.1), schedule.get("offset", 0))
+                       schedule.get("milestones", ()), schedule.get("gamma", 0.1), schedule.get("offset", 0),
+                       schedule.get("warmup_epochs", 0), schedule.get("warmup_lr", 0.0))
     clip = config.get("clip_norm")
     name = config.get("name", "sgd")
     if name == "sgd":
