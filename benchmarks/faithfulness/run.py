@@ -249,7 +249,7 @@ def knockoff_reference(args):
 def knockoff_mtk(args):
     from toolkit.attacks.extract import extract
 
-    spec = {"kind": "threat", "name": f"faithfulness-knockoff-seed{args.seed}", "seed": args.seed,
+    spec = {"kind": "threat", "name": f"faithfulness-knockoff-b{args.budget}-seed{args.seed}", "seed": args.seed,
             "attack": "knockoff", "victim": str(args.victim), "budget": args.budget,
             "clone": {"architecture": "lenet5"},
             "knockoff": {"policy": "random", "protocol": "reference", "epochs": KNOCKOFF["epochs"],

@@ -49,10 +49,10 @@ class KnockoffAttack:
         meta = {"round": round_index, "epochs_done": epochs_done, "curve": self.curve,
                 "rng": self.rng.bit_generator.state}
         if self.cfg["policy"] == "adaptive":
-            meta["bandit"] = {"preferences": self.preferences.tolist(), "mean_reward": self.mean_reward,
-                              "steps": self.steps, "by_class": {str(c): [int(i) for i in v]
+            meta["bandit"] = {"preferences": self.preferences.tolist(), "mean_reward": float(self.mean_reward),
+                              "steps": int(self.steps), "by_class": {str(c): [int(i) for i in v]
                                                                 for c, v in self.by_class.items()},
-                              "recent": None if self.recent is None else self.recent.tolist()}
+                              "recent": None if self.recent is None else np.asarray(self.recent, float).tolist()}
         arrays = {}
         if self.queried:
             arrays = {"queried": np.concatenate(self.queried), "answers": np.concatenate(
