@@ -8,6 +8,7 @@ import copy
 import functools
 import hashlib
 import json
+import math
 import pathlib
 
 import jsonschema
@@ -53,10 +54,84 @@ def get_schema(kind):
     return copy.deepcopy(_bundled(kind))
 
 
+MAX_DEPTH = 32  # specs nest ~5 levels; deeper is a mistake (and would exhaust recursion in the validator)
+MAX_INTEGER = 2 ** 63 - 1  # what any integer field could mean; longer literals are never turned into Python ints
+MAX_INT_DIGITS = len(str(MAX_INTEGER))
+NAME_PATTERN_MESSAGE = ("must be one path component of letters, digits, '.', '_' and '-', starting with a letter or "
+                        "digit (at most 128 characters)")
+
+
+class _Literal:
+    """A JSON number the loader keeps as text (NaN, Infinity, 1e999, a 5,000-digit integer): reported with its path."""
+
+    def __init__(self, text, why):
+        self.text, self.why = text, why
+
+
+def _parse_int(text):
+    digits = len(text.lstrip("-"))
+    return int(text) if digits <= MAX_INT_DIGITS else _Literal(text, f"an integer of {digits} digits is out of range")
+
+
+def _parse_float(text):
+    value = float(text)
+    return value if math.isfinite(value) else _Literal(text, "not a finite number")
+
+
+def _parse_constant(text):
+    return _Literal(text, "not a number a spec may hold (NaN and Infinity are not JSON)")
+
+
+def _json_path(path, key):
+    return f"{path}.{key}" if isinstance(key, str) and key.isidentifier() else f"{path}[{json.dumps(key)}]"
+
+
+def input_problems(spec, source="<spec>"):
+    """What JSON Schema cannot say about a spec: depth, non-finite or absurd numbers, NUL / control characters and
+    lone surrogates in strings. One 'source: $.path: problem' line each."""
+    problems, stack = [], [(spec, "$", 0)]
+    while stack:
+        node, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            problems.append(f"{source}: {path}: nested deeper than {MAX_DEPTH} levels")
+            continue
+        if isinstance(node, dict):
+            for key, value in node.items():
+                problems += [f"{source}: {path}: key {why}" for why in _string_problems(key)]
+                stack.append((value, _json_path(path, key), depth + 1))
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}[{i}]", depth + 1) for i, value in enumerate(node))
+        elif isinstance(node, _Literal):
+            text = node.text if len(node.text) <= 24 else node.text[:20] + "..."
+            problems.append(f"{source}: {path}: {text}: {node.why}")
+        elif isinstance(node, float) and not math.isfinite(node):
+            problems.append(f"{source}: {path}: {node}: not a finite number")
+        elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > MAX_INTEGER:
+            problems.append(f"{source}: {path}: an integer of {len(str(abs(node)))} digits is out of range")
+        elif isinstance(node, str):
+            problems += [f"{source}: {path}: {why}" for why in _string_problems(node)]
+    return sorted(problems)
+
+
+def _string_problems(text):
+    if not isinstance(text, str):
+        return []
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return ["contains a control character (e.g. NUL), which no spec field takes"]
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return ["contains a lone surrogate (an invalid \\uD800-\\uDFFF escape), not text"]
+    return []
+
+
 def validate(spec, source="<spec>", kind=None):
     """Returns one 'source: $.path: message' line per problem (empty when valid)."""
     if not isinstance(spec, dict):
         return [f"{source}: $: a spec must be a JSON object, got {type(spec).__name__}"]
+    problems = input_problems(spec, source)
+    if problems:
+        return problems  # the schema validator would trip on them (recursion, NaN comparisons, surrogates)
     kind = kind or spec.get("kind")
     if kind not in KINDS:
         return [f"{source}: $.kind: must be one of {', '.join(KINDS)} (got {json.dumps(spec.get('kind'))})"]
@@ -65,22 +140,36 @@ def validate(spec, source="<spec>", kind=None):
     for error in sorted(validator.iter_errors(spec), key=lambda e: list(map(str, e.absolute_path))):
         if error.context:
             error = jsonschema.exceptions.best_match(error.context)
-        problems.append(f"{source}: {error.json_path}: {error.message}")
+        message = error.message
+        if error.validator == "pattern" and "x-pattern-message" in error.schema:
+            message = f"{json.dumps(error.instance)} {error.schema['x-pattern-message']}"
+        problems.append(f"{source}: {error.json_path}: {message}")
     return problems
 
 
 def read_json(path):
+    """A spec file's JSON; any way it cannot be read is one UserError line naming the file. Numbers the loader
+    refuses (NaN, Infinity, overflowing or absurdly long literals) stay as markers that validation reports by path."""
     path = pathlib.Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, not a spec file") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot read ({exc.strerror})") from None
     try:
-        return json.loads(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start}: {data[exc.start:exc.start + 1]!r}); a spec is a "
+                        "UTF-8 JSON file") from None
+    try:
+        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read (specs nest at most {MAX_DEPTH} levels)") from None
 
 
 def load_spec(path_or_spec, kind=None, source=None):
@@ -133,6 +222,25 @@ def fill_defaults(schema, value, root):
                     out[key] = deep_merge(sub["default"], out[key])  # a partial override keeps the field's defaults
                 out[key] = fill_defaults(sub, out[key], root)
         return out
+    return _as_declared(schema, value, root)
+
+
+def _types(schema, root):
+    types = schema.get("type", [])
+    types = set([types] if isinstance(types, str) else types)
+    for option in schema.get("anyOf", []) + schema.get("oneOf", []):
+        types |= _types(_resolve(option, root), root)
+    return types
+
+
+def _as_declared(schema, value, root):
+    """An integer where the schema takes a float-only number becomes a float (Keras, e.g., refuses momentum=0)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        types = _types(schema, root)
+        if "number" in types and "integer" not in types:
+            return float(value)
+    if isinstance(value, list) and "items" in schema and isinstance(schema["items"], dict):
+        return [_as_declared(_resolve(schema["items"], root), v, root) for v in value]
     return value
 
 
