@@ -62,7 +62,9 @@ def dfme_parts(victim, budget, ledger=None):
 def test_tiny_dfme_beats_chance(tmp_path, cli_env, mnist_victim):
     spec = {"kind": "threat", "name": "d", "attack": "dfme", "victim": str(mnist_victim), "budget": 20000,
             "clone": {"architecture": "lenet5"}, "progress_every": 5000,
-            "dfme": {"batch_size": 64, "ngf": 16, "nz": 32, "lr_G": 1e-3, "lr_S": 0.01}}
+            "dfme": {"batch_size": 64, "ngf": 16, "nz": 32, "lr_G": 1e-3, "lr_S": 0.01,
+                     "schedule_budget": 2_000_000}}  # the start of a paper-budget run: cake-lab's milestones for
+    # a 20k budget would all be 0 and, stepped before the first epoch, cut every rate by 0.3^3 from the start
     result = extract(spec, out=tmp_path / "run")
     assert result["queries_used"] <= 20000
     assert result["clone_test_acc"] > 0.3, result["curve"]  # chance is 0.1; measured 0.55 (lr_S 0.1 stalls here)
@@ -105,7 +107,8 @@ def test_knockoff_resume_after_a_crash(tmp_path, mnist):
     victim = random_victim()
     pool = Split(mnist.val.x[:600], mnist.val.y[:600])
     spec = load_spec({"kind": "threat", "attack": "knockoff", "victim": "x",
-                      "knockoff": {"rounds": 3, "epochs": 3, "query_batch": 100}}, kind="threat")
+                      "knockoff": {"protocol": "rounds", "rounds": 3, "epochs": 3, "query_batch": 100,
+                                   "check_fraction": 0.05}}, kind="threat")
 
     def attack(v, state):
         import keras
@@ -125,6 +128,16 @@ def test_knockoff_resume_after_a_crash(tmp_path, mnist):
     assert [p["queries"] for p in resumed["curve"]] == [p["queries"] for p in reference["curve"]] == [200, 400, 600]
     assert resumed["curve"][-1]["attacker_check_agreement"] == pytest.approx(
         reference["curve"][-1]["attacker_check_agreement"], abs=1e-6)
+    # killed inside round 2, after a request was paid for and before any checkpoint kept it: the lost queries stay
+    # spent, so the last round shrinks to what is left and the run still finishes within the budget
+    state = AttackState(tmp_path / "mid", "fp")
+    with pytest.raises(Crash):
+        attack(CrashingVictim(victim, crash_at_call=4), state).run(state)
+    resumed_attack = attack(victim, state)
+    resumed = resumed_attack.run(state)
+    assert resumed_attack.oracle.queries_used == 600 and resumed_attack.oracle.queries_lost == 100
+    assert [p["queries"] for p in resumed["curve"]] == [200, 500, 600]  # paid for, the lost 100 included
+    assert resumed["curve"][-1]["transfer_set"] == 500 - 25  # 500 answers held (100 never learned), 5 % checked
 
 
 def test_class_diversity_loss_is_minimal_for_an_even_batch():

@@ -80,7 +80,10 @@ class KnockoffAttack:
         """Queries until ``target`` answers are held (the budget and the pool permitting)."""
         cfg, oracle = self.cfg, self.oracle
         while len(used) < target:
-            n = min(cfg["query_batch"], target - len(used))
+            # a restart after a kill may have lost paid-for answers: the last round then fits what is left
+            n = min(cfg["query_batch"], target - len(used), oracle.remaining)
+            if n <= 0:
+                break
             idx = self._next_indices(n, used)
             answers = oracle.query(to_float_tensor(self.pool.x[idx]))
             if cfg["policy"] == "adaptive":
