@@ -49,7 +49,7 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_memb
     ``only_members`` (names) trains just those members and returns None: members are independent, so several
     processes or machines can train different members of one defense; a plain call then assembles the ensemble.
     """
-    source = spec if isinstance(spec, dict) else str(spec)
+    source = "<spec>" if isinstance(spec, dict) else str(spec)
     spec = load_spec(spec, kind="defense")
     for i, member in enumerate(spec["members"]):
         for field, arch in (("architecture", member["architecture"]),
@@ -70,7 +70,12 @@ def defend(spec, out=None, data_root=None, force=False, dry_run=False, only_memb
             return card
         raise UserError(f"{folder}: holds a defense built from a different spec; use --force or --out")
 
-    target_folder = resolve_target(spec["target"], data_root, dry_run)
+    try:
+        target_folder = resolve_target(spec["target"], data_root, dry_run)
+    except UserError as exc:
+        if str(exc).startswith(f"{source}:"):
+            raise
+        raise UserError(f"{source}: $.target: {exc}") from None
     target_card = read_card(target_folder)
     data_cfg = spec["dataset"] or artifacts.dataset_config(target_card)
     data = load_dataset(data_cfg, data_root)

@@ -144,6 +144,46 @@ def validate(spec, source="<spec>", kind=None):
         if error.validator == "pattern" and "x-pattern-message" in error.schema:
             message = f"{json.dumps(error.instance)} {error.schema['x-pattern-message']}"
         problems.append(f"{source}: {error.json_path}: {message}")
+    if not problems:
+        schema = _bundled(kind)
+        problems = _registry_problems(schema, spec, schema, "$", source)
+    return problems
+
+
+def _registry_names(registry):
+    if registry == "architecture":
+        from toolkit.models.registry import available_architectures
+
+        return available_architectures()
+    from toolkit.data.registry import available_datasets
+
+    return available_datasets()
+
+
+def _registry_problems(schema, value, root, path, source):
+    """Names the schema marks ``x-registry`` (architectures, datasets) must be registered: said here with the JSON
+    path, not later by the code that builds them."""
+    import difflib
+
+    schema = _resolve(schema, root)
+    problems = []
+    if "x-registry" in schema and isinstance(value, str):
+        known = _registry_names(schema["x-registry"])
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{source}: {path}: unknown {schema['x-registry']} {json.dumps(value)}{hint}; known: "
+                            f"{', '.join(known)}")
+    for option in schema.get("anyOf", []) + schema.get("oneOf", []):
+        if isinstance(value, dict) and _resolve(option, root).get("type") == "object":
+            return problems + _registry_problems(option, value, root, path, source)
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                problems += _registry_problems(sub, value[key], root, _json_path(path, key), source)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            problems += _registry_problems(schema["items"], item, root, f"{path}[{i}]", source)
     return problems
 
 
