@@ -208,3 +208,44 @@ def test_hard_label_deployment_and_cli_keys(mnist_victim, tmp_path):
     revoked = CliRunner().invoke(main, ["keys", "revoke", listed[0]["id"], "--db", str(db)])
     assert revoked.exit_code == 0 and KeyStore(db).list()[0]["revoked"] == 1
     assert CliRunner().invoke(main, ["keys", "revoke", "nope", "--db", str(db)]).exit_code == 2
+
+
+def test_key_database_is_private_and_keys_match_exactly(served, tmp_path):
+    import os
+    import stat
+
+    from toolkit.serve.keys import KeyStore
+
+    store = KeyStore(tmp_path / "k" / "keys.sqlite")
+    store.add(budget=5)
+    for path in (tmp_path / "k").iterdir():  # the database and sqlite's -wal / -shm beside it
+        assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, (path, oct(os.stat(path).st_mode))
+    server, keys = served
+    _, key = keys.add(budget=10)
+    body = {"inputs": _images(1).tolist()}
+    assert _post(server, key, body).status_code == 200
+    for near in (key + "x", key[:-1], " " + key, key.upper()):
+        assert _post(server, near, body).status_code == 401, near
+    headers = {"Authorization": f"Bearer  {key}"}  # an extra space inside the header is part of the token
+    assert httpx.post(server.url + "/v1/predict", headers=headers, json=body, timeout=30).status_code == 401
+
+
+def test_a_client_leaving_mid_body_is_one_log_line_not_a_traceback(served, caplog):
+    import logging
+
+    server, keys = served
+    _, key = keys.add(budget=100)
+    with caplog.at_level(logging.WARNING):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall((f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                       "Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{\"inputs\": [").encode())
+            time.sleep(0.3)
+        for _ in range(50):
+            if any("disconnected" in r.getMessage() for r in caplog.records):
+                break
+            time.sleep(0.1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("disconnected before sending its whole request body" in m for m in messages), messages
+    assert not any("Exception in ASGI application" in m for m in messages)
+    assert all(r.exc_info is None for r in caplog.records)
+    assert keys.remaining(keys.authenticate(key)["id"]) == 100  # nothing was spent

@@ -11,11 +11,14 @@ import binascii
 import contextlib
 import io
 import json
+import logging
 import math
 
 import numpy as np
 
 from toolkit.serve.batching import DynamicBatcher
+
+_log = logging.getLogger("mtk.serve")
 from toolkit.serve.keys import RateLimiter
 
 DEFAULTS = {"output": "soft", "max_rows": 1024, "max_body_bytes": 16 * 1024 * 1024, "max_batch": 256,
@@ -102,6 +105,7 @@ def create_app(victim, keys=None, **options):
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     cfg = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if cfg["output"] not in ("soft", "hard"):
@@ -158,10 +162,15 @@ def create_app(victim, keys=None, **options):
                 if key["revoked"]:
                     raise BadRequest(403, "this API key was revoked")
             body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > cfg["max_body_bytes"]:
-                    raise BadRequest(413, f"payload larger than {cfg['max_body_bytes']} bytes")
+            try:
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > cfg["max_body_bytes"]:
+                        raise BadRequest(413, f"payload larger than {cfg['max_body_bytes']} bytes")
+            except ClientDisconnect:  # the client left mid-body: nothing to answer, nothing spent
+                _log.warning("client %s disconnected before sending its whole request body",
+                             request.client.host if request.client else "?")
+                return error(400, "client disconnected before the request body was complete")
             try:
                 decoded = json.loads(body, parse_constant=lambda c: math.nan)
             except (ValueError, UnicodeDecodeError, RecursionError):
@@ -195,6 +204,8 @@ def create_app(victim, keys=None, **options):
 
 
 def _bearer(header):
-    if header and header.lower().startswith("bearer "):
-        return header[7:].strip()
+    """The token of an ``Authorization: Bearer`` header, exactly as sent (HTTP itself drops the spaces around a
+    header's value; nothing inside is trimmed, so a key with an extra space does not authenticate)."""
+    if header and header[:7].lower() == "bearer ":
+        return header[7:]
     return None

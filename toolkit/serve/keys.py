@@ -6,6 +6,7 @@ overspend a key. The audit log keeps query counts per key and time window, never
 """
 
 import hashlib
+import os
 import secrets
 import sqlite3
 import threading
@@ -36,7 +37,12 @@ class KeyStore:
         try:
             import pathlib
 
-            pathlib.Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            db = pathlib.Path(self.path)
+            db.parent.mkdir(parents=True, exist_ok=True)
+            if not db.exists():  # key hashes and budgets: readable by the operator only (sqlite's -wal/-shm copy it)
+                os.close(os.open(db, os.O_CREAT | os.O_WRONLY, 0o600))
+            if db.stat().st_mode & 0o077:
+                os.chmod(db, 0o600)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable across a server crash, no fsync per query
