@@ -140,6 +140,32 @@ def test_knockoff_resume_after_a_crash(tmp_path, mnist):
     assert resumed["curve"][-1]["transfer_set"] == 500 - 25  # 500 answers held (100 never learned), 5 % checked
 
 
+@pytest.mark.parametrize("policy,protocol", [("random", "reference"), ("adaptive", "rounds")])
+def test_knockoff_killed_mid_collection_finishes_within_the_budget(tmp_path, mnist, policy, protocol):
+    """A kill while queries are being collected (checkpoints every 200 queries): the re-run resumes from the last
+    checkpoint, the 100 answers paid for after it stay spent and are recorded as lost, the budget holds."""
+    victim = random_victim()
+    pool = Split(mnist.val.x[:900], mnist.val.y[:900])
+    spec = load_spec({"kind": "threat", "attack": "knockoff", "victim": "x",
+                      "knockoff": {"policy": policy, "protocol": protocol, "rounds": 2, "epochs": 2,
+                                   "query_batch": 100}}, kind="threat")
+
+    def attack(v, state):
+        import keras
+
+        keras.utils.set_random_seed(0)
+        clone = build_model("lenet5_fifth", SHAPE, 10, [0.13], [0.31], name="clone")
+        return KnockoffAttack(Oracle(v, 600, ledger=state.ledger), clone, pool, spec["knockoff"], seed=0)
+
+    state = AttackState(tmp_path, "fp")
+    with pytest.raises(Crash):
+        attack(CrashingVictim(victim, crash_at_call=5 if protocol == "rounds" else 4), state).run(state, 200)
+    resumed = attack(victim, state)
+    out = resumed.run(state, 200)
+    assert resumed.oracle.queries_used == 600 and resumed.oracle.queries_lost == 100
+    assert out["curve"][-1]["queries"] == 600 and out["curve"][-1]["transfer_set"] == 500
+
+
 def test_class_diversity_loss_is_minimal_for_an_even_batch():
     k = 10
     even = torch.eye(k) * 20  # one confident answer per class

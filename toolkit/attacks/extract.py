@@ -109,7 +109,8 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
 
         cfg = spec["knockoff"]
         pool = surrogate_pool(cfg["surrogate"], card, data_root)
-        curve = KnockoffAttack(oracle, clone, pool, cfg, seed=spec["seed"], evaluate=evaluate).run(state)["curve"]
+        curve = KnockoffAttack(oracle, clone, pool, cfg, seed=spec["seed"], evaluate=evaluate).run(
+            state, spec["checkpoint_every"])["curve"]
     elif spec["attack"] == "dfme":
         from toolkit.attacks.dfme import DFMEAttack
         from toolkit.models.generators import dfme_generator

@@ -76,9 +76,11 @@ class KnockoffAttack:
     def protocol(self):
         return self.cfg["protocol"] or ("rounds" if self.cfg["policy"] == "adaptive" else "reference")
 
-    def _collect(self, target, used, bar):
-        """Queries until ``target`` answers are held (the budget and the pool permitting)."""
+    def _collect(self, target, used, bar, save=None, every=None):
+        """Queries until ``target`` answers are held (the budget and the pool permitting); ``save()`` every ``every``
+        queries keeps the answers of a long collection if the run is killed."""
         cfg, oracle = self.cfg, self.oracle
+        last_save = oracle.queries_used
         while len(used) < target:
             # a restart after a kill may have lost paid-for answers: the last round then fits what is left
             n = min(cfg["query_batch"], target - len(used), oracle.remaining)
@@ -92,6 +94,9 @@ class KnockoffAttack:
             self.queried.append(idx)
             self.answers.append(answers.cpu())
             bar.update(n)
+            if save is not None and every and oracle.queries_used - last_save >= every:
+                save()
+                last_save = oracle.queries_used
 
     def _transfer_set(self):
         """(train indices, train answers, check indices, check answers) of everything collected so far."""
@@ -103,8 +108,9 @@ class KnockoffAttack:
         check = np.floor((position + 1) * f) > np.floor(position * f)  # fixed per answer: never trained on, ever
         return x_idx[~check], y[torch.from_numpy(~check)], x_idx[check], y[torch.from_numpy(check)]
 
-    def run(self, state=None):
-        """Spends the budget and trains the clone by the configured protocol; resumes from ``state``."""
+    def run(self, state=None, checkpoint_every=None):
+        """Spends the budget and trains the clone by the configured protocol; resumes from ``state`` (saved after
+        every ``checkpoint_every`` queries, each epoch and each round)."""
         cfg, oracle = self.cfg, self.oracle
         total = min(oracle.budget, len(self.pool))
         reference = self.protocol() == "reference"
@@ -124,7 +130,9 @@ class KnockoffAttack:
         bar = progress.bar(total, "knockoff queries", unit="q", initial=len(used))
         points = set(np.linspace(0, cfg["epochs"], min(cfg["epochs"], cfg["curve_points"]) + 1)[1:].round().astype(int))
         for r in range(first_round, rounds):
-            self._collect(min(total, (r + 1) * per_round), used, bar)
+            save = None if state is None else (
+                lambda r=r: state.save(oracle, models, optimizers, *self._snapshot(r, 0)))
+            self._collect(min(total, (r + 1) * per_round), used, bar, save, checkpoint_every)
             if r + 1 == rounds:
                 bar.close()  # the budget is spent: what follows is training (one bar per round of epochs)
             if state is not None and first_epoch == 0:
