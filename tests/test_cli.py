@@ -29,7 +29,7 @@ def test_train_target_unknown_architecture_exits_2(tmp_path, cli_env):
     result = CliRunner().invoke(main, ["train-target", str(spec), "--out", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [  # the file and the JSON path, before anything is built
-        f"{spec}: $.model.architecture: unknown architecture \"lenet7\" (did you mean 'lenet5'?); known: " + ", ".join(
+        f"{spec}: $.model.architecture: unknown architecture 'lenet7' (did you mean 'lenet5'?); known: " + ", ".join(
             __import__("toolkit.models", fromlist=["x"]).available_architectures())]
 
 

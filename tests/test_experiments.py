@@ -356,3 +356,31 @@ def test_two_runs_of_one_grid_split_its_cells(tmp_path, monkeypatch):
     assert claims.holder(other) is None and runner.status(spec)["running"] == 0
     runner.run_experiment(spec)  # the killed holder's claim file is left behind and needs no cleaning
     assert ran == [0, 2, 1]
+
+
+def test_mtk_run_killed_inside_a_cell_finishes_on_the_next_run(tiny_experiment, tmp_path, data_root):
+    """kill -9 while a later cell is running: the next `mtk run` passes the finished cells, re-runs the killed one
+    from its checkpoint and ends with every cell recorded once, none over its budget."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "MTK_NO_REEXEC": "1", "MTK_PROGRESS": "0", "MTK_DATA": str(data_root),
+           "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "cli.main", "run", tiny_experiment]
+    records = tmp_path / "results" / "tiny" / "records"
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    start = time.time()
+    while len(list(records.glob("*.json"))) < 1 and time.time() < start + 300 and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(min(3.0, (time.time() - start) / 4))  # inside the next cell
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(records.glob("*.json")))
+    assert 1 <= done_before < 4, "the kill must land between the first and the last cell"
+    again = subprocess.run(command + ["--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    recs = [json.loads(p.read_text()) for p in records.glob("*.json")]
+    assert len(recs) == 4 and all(r["result"]["queries_used"] <= r["cell"]["budget"] for r in recs)

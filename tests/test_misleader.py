@@ -182,3 +182,33 @@ def test_bad_member_spec_is_one_line_exit_2(tiny_target, tmp_path):
     result = CliRunner().invoke(main, ["defend", str(path)])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"{path}: $.members[0].temperature: -1 is less than or equal to the minimum of 0"
+
+
+def test_defend_killed_inside_an_epoch_resumes_and_finishes(tiny_target, tmp_path, data_root):
+    """kill -9 inside a member's second epoch; the same command then resumes after epoch 1 and builds the defense."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = tmp_path / "d.json"
+    spec.write_text(json.dumps(_defense_spec(tiny_target, 0.3, epochs=3)))
+    out = tmp_path / "killed"
+    env = {**os.environ, "MTK_NO_REEXEC": "1", "MTK_PROGRESS": "0", "MTK_DATA": str(data_root)}
+    command = [sys.executable, "-m", "cli.main", "defend", str(spec), "--out", str(out)]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "members" / "lenet5_fifth" / "checkpoint"
+    start = time.time()
+    while not any(checkpoint.glob("*.npz")) and time.time() < start + 180 and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep((time.time() - start) / 4)  # inside epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(checkpoint.glob("*.npz")) and not (out / "card.json").exists(), "killed between epochs 1 and 3"
+    resumed = subprocess.run(command, env={**env, "MTK_PROGRESS": "1"}, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after epoch" in resumed.stderr
+    card = read_card(out / "members" / "lenet5_fifth")
+    assert [h["epoch"] for h in card["history"]] == [1, 2, 3]
+    assert (out / "card.json").exists()

@@ -60,9 +60,11 @@ def test_resume_after_kill_continues_and_matches_uninterrupted(tmp_path, cli_env
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "train-target", str(spec), "--out", str(killed)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     state = killed / "checkpoint" / "tiny.state.npz"
-    deadline = time.time() + 120
+    start = time.time()
+    deadline = start + 120
     while not state.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
+    time.sleep((time.time() - start) / 3)  # into epoch 2: killed inside an epoch, not at its checkpoint
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert state.exists() and not (killed / "card.json").exists(), "the run must die between epochs 1 and 3"

@@ -172,7 +172,7 @@ def _registry_problems(schema, value, root, path, source):
         if value not in known:
             close = difflib.get_close_matches(value, known, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            problems.append(f"{source}: {path}: unknown {schema['x-registry']} {json.dumps(value)}{hint}; known: "
+            problems.append(f"{source}: {path}: unknown {schema['x-registry']} '{value}'{hint}; known: "
                             f"{', '.join(known)}")
     for option in schema.get("anyOf", []) + schema.get("oneOf", []):
         if isinstance(value, dict) and _resolve(option, root).get("type") == "object":
