@@ -212,6 +212,7 @@ def test_dfms_hl_runs_on_hard_labels_and_resumes(tmp_path, cli_env, mnist_victim
     assert all(a.ndim == 1 and a.dtype == torch.int64 for a in seen)  # hard labels only, never probabilities
     assert spent <= result["queries_used"] <= 900
     assert 900 - result["queries_used"] < 32
+    assert result["queries_lost_to_restarts"] > 0  # answered after the last checkpoint, paid for, recorded
     stages = [p["stage"] for p in result["curve"]]
     assert stages[:2] == ["init", "divgan_label"] and stages[-1] == "alternate"
 
