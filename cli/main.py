@@ -217,7 +217,10 @@ def extract_cmd(spec, attack, victim, api_key, clone_arch, budget, oracle_output
         victim_label = pathlib.Path(data["victim"].split("://")[-1].replace(":", "-").rstrip("/")).name
         data.setdefault("name", f"{data['attack']}-{victim_label}-"
                                 f"{data.get('clone', {}).get('architecture', 'lenet5')}")
-    result = extract(data, out=out, data_root=data_root, force=force, dry_run=dry_run, api_key=api_key)
+    # errors name the spec file, unless the field at fault came from an option (then the option's value says it)
+    source = spec if spec and victim is None else None
+    result = extract(data, out=out, data_root=data_root, force=force, dry_run=dry_run, api_key=api_key,
+                     source=source)
     if as_json:
         click.echo(json.dumps(result if verbose else {k: result[k] for k in (
             "attack", "victim", "clone_architecture", "queries_used", "clone_test_acc", "fidelity", "wall_seconds")}))

@@ -55,7 +55,7 @@ def shrink_for_dry_run(spec, budget):
     return spec
 
 
-def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=None):
+def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=None, source=None):
     """Runs (or resumes) the attack in ``spec`` (dict or path); writes the clone and ``result.json``; returns it.
 
     The victim is an artifact folder, or the URL of a live ``mtk serve`` endpoint (``api_key``, else
@@ -66,9 +66,10 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
 
     import keras
 
-    spec = load_spec(spec, kind="threat")
+    source = source or (str(spec) if not isinstance(spec, dict) else None)  # names the spec file in errors
+    spec = load_spec(spec, kind="threat", source=source)
     if spec["attack"] == "dfme" and spec["oracle"]["output"] != "soft":
-        raise UserError("$.oracle.output: dfme learns from probabilities and needs a 'soft' API; dfms-hl is the "
+        raise UserError(f"{source or '<spec>'}: $.oracle.output: dfme learns from probabilities and needs a 'soft' API; dfms-hl is the "
                         "hard-label attack")
     remote = str(spec["victim"]).startswith(("http://", "https://"))
     if remote:
@@ -76,7 +77,10 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
 
         victim = RemoteVictim(spec["victim"], api_key or os.environ.get("MTK_API_KEY"))
     else:
-        victim = load_deployable(spec["victim"])
+        try:
+            victim = load_deployable(spec["victim"])
+        except UserError as exc:
+            raise UserError(f"{source}: $.victim: {exc}" if source else str(exc)) from None
     card = victim.card
     if spec["attack"] == "dfme":
         from toolkit.attacks.dfme import resolve
@@ -95,7 +99,10 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
     clone = build_model(spec["clone"]["architecture"], victim.input_shape, victim.num_classes,
                         eval_data.mean, eval_data.std, name="clone", **spec["clone"]["options"])
     state = AttackState(folder, fingerprint(spec), discard_stale=force)
-    spec["oracle"] = {**spec["oracle"], "accept_out_of_range": out_of_range(spec, remote)}
+    try:
+        spec["oracle"] = {**spec["oracle"], "accept_out_of_range": out_of_range(spec, remote)}
+    except UserError as exc:
+        raise UserError(f"{source or '<spec>'}: {exc}") from None
     oracle = Oracle(victim, spec["budget"], ledger=state.ledger, **spec["oracle"])
     test = eval_data.test if not dry_run else eval_data.test.take(slice(0, 512))
 
