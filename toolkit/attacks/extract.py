@@ -69,8 +69,8 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
     source = source or (str(spec) if not isinstance(spec, dict) else None)  # names the spec file in errors
     spec = load_spec(spec, kind="threat", source=source)
     if spec["attack"] == "dfme" and spec["oracle"]["output"] != "soft":
-        raise UserError(f"{source or '<spec>'}: $.oracle.output: dfme learns from probabilities and needs a 'soft' API; dfms-hl is the "
-                        "hard-label attack")
+        raise UserError(f"{source or '<spec>'}: $.oracle.output: dfme learns from probabilities and needs a 'soft' "
+                        "API; dfms-hl is the hard-label attack")
     remote = str(spec["victim"]).startswith(("http://", "https://"))
     if remote:
         from toolkit.serve.client import RemoteVictim
