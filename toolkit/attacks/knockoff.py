@@ -128,15 +128,16 @@ class KnockoffAttack:
             first_round, first_epoch = self._resume(*saved)
         used = set(np.concatenate(self.queried).tolist()) if self.queried else set()
         bar = progress.bar(total, "knockoff queries", unit="q", initial=len(used))
-        points = set(np.linspace(0, cfg["epochs"], min(cfg["epochs"], cfg["curve_points"]) + 1)[1:].round().astype(int))
+        n_points = min(cfg["epochs"], cfg["curve_points"])
+        points = set(np.linspace(0, cfg["epochs"], n_points + 1)[1:].round().astype(int))
         for r in range(first_round, rounds):
             save = None if state is None else (
                 lambda r=r: state.save(oracle, models, optimizers, *self._snapshot(r, 0)))
             self._collect(min(total, (r + 1) * per_round), used, bar, save, checkpoint_every)
             if r + 1 == rounds:
                 bar.close()  # the budget is spent: what follows is training (one bar per round of epochs)
-            if state is not None and first_epoch == 0:
-                state.save(oracle, models, optimizers, *self._snapshot(r, 0))
+            if save is not None and first_epoch == 0:
+                save()
             x_train, y_train, x_check, y_check = self._transfer_set()
             epoch_bar = progress.bar(epochs_per_round, f"knockoff training, round {r + 1}/{rounds}", unit="epoch",
                                      initial=first_epoch)
