@@ -44,7 +44,7 @@ def labels_of(answers):
 class DFMSHLAttack:
     """Runs the four stages against ``oracle``; ``proxy_x`` is uint8 NCHW proxy images (their labels are unused)."""
 
-    def __init__(self, oracle, clone, generator, discriminator, proxy_x, cfg, seed=0, check_fraction=0.05):
+    def __init__(self, oracle, clone, generator, discriminator, proxy_x, cfg, seed=0, check_fraction=0.0):
         self.oracle, self.clone, self.generator, self.discriminator = oracle, clone, generator, discriminator
         self.proxy_x, self.cfg, self.check_fraction = proxy_x, cfg, check_fraction
         self.rng = np.random.default_rng(seed)

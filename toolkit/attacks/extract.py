@@ -137,7 +137,8 @@ def extract(spec, out=None, data_root=None, force=False, dry_run=False, api_key=
         proxy = proxy_images(cfg, victim.input_shape, data_root, spec["seed"])
         generator = dcgan_generator(cfg["nz"], victim.input_shape, cfg["ngf"])
         discriminator = dcgan_discriminator(victim.input_shape, cfg["ndf"])
-        curve = DFMSHLAttack(oracle, clone, generator, discriminator, proxy, cfg, seed=spec["seed"]).run(**every)
+        curve = DFMSHLAttack(oracle, clone, generator, discriminator, proxy, cfg, seed=spec["seed"],
+                             check_fraction=cfg["check_fraction"]).run(**every)
     elapsed = state.seconds()
     predict_clone = model_predictor(clone)
     result = {
