@@ -1,5 +1,6 @@
 """How soft are the answers DFME learns from? Target vs MISLEADER ensemble (and its members, or the baselines) on
-the test set, on uniform noise and on an untrained DFME generator's images (where the attack starts).
+the test set, on uniform noise and on an untrained DFME generator's images (where the attack starts), in the
+reference query space (mean + std * tanh, DFME's default) and in the earlier unit one ((tanh + 1) / 2).
 
     .venv/bin/python benchmarks/answer_softness/run.py    (after mtk defend specs/mnist-misleader.json)
     .venv/bin/python benchmarks/answer_softness/run.py --dataset cifar10    (after the cpu-table1-cifar10 grid built
@@ -38,10 +39,12 @@ def inputs(card, data_root):
     import torch
 
     from toolkit.artifacts import dataset_config
+    from toolkit.attacks.dfme import pixels
     from toolkit.data.registry import load_dataset
     from toolkit.models.generators import dfme_generator
 
-    test = load_dataset(dataset_config(card), data_root).test
+    data = load_dataset(dataset_config(card), data_root)
+    test = data.test
     shape = tuple(card["dataset"]["input_shape"])
     import keras
 
@@ -49,9 +52,10 @@ def inputs(card, data_root):
     keras.utils.set_random_seed(0)  # the generator's initial weights and the latent draws
     generator = dfme_generator(256, shape)
     with torch.no_grad():
-        generated = (torch.tanh(generator(torch.randn(N, 256), training=False)) + 1) / 2
+        pre = generator(torch.randn(N, 256), training=False)
     return {"test images": test.x[:N], "uniform noise": rng.random((N, *shape), dtype=np.float32),
-            "untrained DFME generator": generated.numpy()}
+            "untrained DFME generator, reference query space": pixels(pre, "reference", data.mean, data.std).numpy(),
+            "untrained DFME generator, earlier unit query space": pixels(pre, "unit", data.mean, data.std).numpy()}
 
 
 def stats(probs, reference):
