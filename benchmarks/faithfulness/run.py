@@ -382,7 +382,8 @@ def plot(out):
             xs = sorted(side["points"])
             ys = [100 * side["points"][e]["mean"] for e in xs]
             err = [100 * (side["points"][e]["std"] or 0) for e in xs]
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{impl} (seeds {side['seeds']})")
+            color = {"reference": "black", "mtk": "tab:blue"}.get(impl, "tab:red")  # the same colour per side
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"{impl} (seeds {side['seeds']})")
         ax.set_title(f"{attack}: clone test accuracy")
         ax.set_xlabel("epoch" + (" (89,600 queries each)" if attack == "dfme" else " of clone training"))
         if attack != "dfme":
