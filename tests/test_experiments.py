@@ -375,7 +375,7 @@ def test_mtk_run_killed_inside_a_cell_finishes_on_the_next_run(tiny_experiment, 
     start = time.time()
     while len(list(records.glob("*.json"))) < 1 and time.time() < start + 300 and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(min(3.0, (time.time() - start) / 4))  # inside the next cell
+    time.sleep(min(1.0, (time.time() - start) / 4))  # inside the next cell
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = len(list(records.glob("*.json")))
