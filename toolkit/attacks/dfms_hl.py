@@ -65,7 +65,6 @@ class DFMSHLAttack:
         self.opt_alt = make_optimizer({"name": "sgd", "lr": cfg["alt_lr"], "momentum": 0.9, "weight_decay": 5e-4},
                                       alt, self.alt_epoch_steps, cfg["alt_epochs"])
         self.gan_steps = steps
-        self.alt_steps_done = 0  # stage-4 steps so far: its schedule's epoch
         self.opt_g.build(generator.trainable_variables)
         self.opt_d.build(discriminator.trainable_variables)
         for opt in (self.opt_init, self.opt_div, self.opt_alt):
@@ -226,8 +225,9 @@ class DFMSHLAttack:
         images = torch.round(x * 255).to(torch.uint8)
         return torch.stack([self._autoaugment(img) for img in images]).float() / 255
 
-    def alternate_step(self):
-        """Stage 4: clone step on augmented generated queries, then the GAN step with the diversity loss."""
+    def alternate_step(self, step=0):
+        """Stage 4: clone step on augmented generated queries (``step``: stage-4 steps done, which sets the clone's
+        rate), then the GAN step with the diversity loss."""
         import torch
         import torch.nn.functional as F
 
@@ -235,8 +235,7 @@ class DFMSHLAttack:
         with torch.no_grad():
             x = self._augment((torch.tanh(forward(self.generator, self._z(n), True)) + 1) / 2)
         y = labels_of(self.oracle.query(x))
-        self.opt_alt.mtk_schedule.set_epoch(self.alt_steps_done // self.alt_epoch_steps)
-        self.alt_steps_done += 1
+        self.opt_alt.mtk_schedule.set_epoch(step // self.alt_epoch_steps)
         logits = forward(self.clone, x, True)
         self.check.append(float((logits.detach().argmax(1) == y).float().mean()))
         loss = F.cross_entropy(logits, y)
@@ -296,13 +295,12 @@ class DFMSHLAttack:
             pass
         self.check = collections.deque(maxlen=16)
         steps, limit, n = start("alternate") or 0, cfg["alt_steps"], cfg["alt_batch_size"]
-        self.alt_steps_done = steps
         every_point = max(1, (progress_every or self.oracle.budget) // n)
         every_save = max(1, (checkpoint_every or self.oracle.budget) // n)
         bar = progress.bar(self.oracle.budget, "dfms-hl alternate", unit="q", initial=self.oracle.queries_used)
         try:
             while self.oracle.remaining >= n and (limit is None or steps < limit):
-                loss = self.alternate_step()
+                loss = self.alternate_step(steps)
                 steps += 1
                 bar.update(n)
                 bar.set_postfix(loss_S=f"{loss:.3f}", check=f"{np.mean(self.check):.3f}", refresh=False)

@@ -57,8 +57,6 @@ def get_schema(kind):
 MAX_DEPTH = 32  # specs nest ~5 levels; deeper is a mistake (and would exhaust recursion in the validator)
 MAX_INTEGER = 2 ** 63 - 1  # what any integer field could mean; longer literals are never turned into Python ints
 MAX_INT_DIGITS = len(str(MAX_INTEGER))
-NAME_PATTERN_MESSAGE = ("must be one path component of letters, digits, '.', '_' and '-', starting with a letter or "
-                        "digit (at most 128 characters)")
 
 
 class _Literal:
